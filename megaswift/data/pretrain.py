@@ -1,0 +1,119 @@
+"""Pre-training data: megatron-core's blended GPT datasets over indexed (.bin/.idx) files, cut into
+micro-batches per data-parallel rank.
+
+Sample order depends only on the seed and the number of samples already consumed, never on the
+parallel layout: step s always trains on samples [s*G, (s+1)*G) of the shuffled dataset (G = global
+batch), and data-parallel rank r takes the r-th micro-batch slice of each group of `micro x dp`.
+That is what makes resumed and re-laid-out runs reproduce the same losses.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megaswift.config import ConfigError, DataConfig
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The token facts megatron-core's GPT dataset needs (it reads .eod, .pad and .vocab_size)."""
+    eod: int
+    pad: int
+    vocab_size: int
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of megatron-core's dataset cache key
+        return {"class": "TokenIds", "eod": self.eod, "pad": self.pad, "vocab_size": self.vocab_size}
+
+
+def token_ids_from_tokenizer(tokenizer_dir: str | None, model_vocab_size: int) -> TokenIds:
+    if tokenizer_dir is None:
+        return TokenIds(eod=0, pad=-1, vocab_size=model_vocab_size)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) > model_vocab_size:
+        raise ConfigError(f"data.tokenizer {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "
+                          f"vocab_size={model_vocab_size}")
+    eod = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return TokenIds(eod=eod, pad=-1, vocab_size=len(tokenizer))
+
+
+def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
+    """`a b` -> equal weights; `0.7 a 0.3 b` -> weighted. Checks each prefix has its .bin and .idx."""
+    if not paths:
+        raise ConfigError("data.paths is empty: give one or more indexed dataset prefixes "
+                          "(made by `megaswift preprocess`)")
+    weighted = len(paths) % 2 == 0 and all(_is_number(p) for p in paths[0::2])
+    prefixes = paths[1::2] if weighted else paths
+    weights = [float(w) for w in paths[0::2]] if weighted else None
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ConfigError(f"data.paths: {prefix + suffix} does not exist (expected an indexed dataset "
+                                  f"prefix with .bin and .idx files, e.g. from `megaswift preprocess`)")
+    return prefixes, weights
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def build_gpt_datasets(data: DataConfig, tokens: TokenIds, seed: int, num_samples: tuple[int, int, int]):
+    """Returns (train, valid, test) datasets; valid/test may be None when their split is 0."""
+    prefixes, weights = parse_blend(data.paths)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=data.seq_length, blend=(prefixes, weights), split=data.split,
+        path_to_cache=data.cache_dir, tokenizer=tokens, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, mid_level_dataset_surplus=0.005)
+    # Every rank builds (and reads) the index files; megatron-core caches them on first build.
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+class MicroBatches:
+    """Yields this rank's micro-batches for consecutive global batches starting at `consumed_samples`."""
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
+        self.dataset, self.micro, self.dp_rank, self.dp_size = dataset, micro_batch_size, dp_rank, dp_size
+        self.next_index = consumed_samples
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        start = self.next_index + self.dp_rank * self.micro
+        self.next_index += self.micro * self.dp_size
+        samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.micro)]
+        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+class PretrainData:
+    """The `DataSource` of `megaswift pt`: indexed datasets, built once on first use."""
+
+    def __init__(self, data: DataConfig, tokens: TokenIds, seed: int, micro_batch_size: int,
+                 train_samples: int, valid_samples: int):
+        self.data, self.tokens, self.seed, self.micro = data, tokens, seed, micro_batch_size
+        self.sizes = (train_samples, valid_samples, 0)
+        self._datasets = None
+
+    def _build(self):
+        if self._datasets is None:
+            self._datasets = build_gpt_datasets(self.data, self.tokens, self.seed, self.sizes)
+        return self._datasets
+
+    def train_iterators(self, consumed_samples: int, dp_rank: int, dp_size: int, count: int) -> list:
+        train = self._build()[0]
+        # One iterator per virtual-pipeline chunk: the first chunk reads tokens, the last one labels.
+        return [MicroBatches(train, self.micro, dp_rank, dp_size, consumed_samples) for _ in range(count)]
+
+    def valid_iterators(self, dp_rank: int, dp_size: int, count: int) -> list | None:
+        valid = self._build()[1]
+        if valid is None or len(valid) == 0:
+            return None
+        return [MicroBatches(valid, self.micro, dp_rank, dp_size, 0) for _ in range(count)]

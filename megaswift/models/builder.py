@@ -1,0 +1,43 @@
+"""Build this rank's megatron-core GPTModel chunks (one per virtual pipeline stage) from an HF config."""
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megaswift.models.mcore_config import gpt_model_kwargs
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a partial TE install raises more than ImportError
+        return False
+    return torch.cuda.is_available()
+
+
+def layer_spec(config: TransformerConfig):
+    if transformer_engine_available():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=bool(config.num_moe_experts),
+            qk_layernorm=config.qk_layernorm)
+    return get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+
+
+def build_model_chunks(hf: dict, config: TransformerConfig) -> list[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (a single one without VPP)."""
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    spec = layer_spec(config)
+    kwargs = gpt_model_kwargs(hf, config.tensor_model_parallel_size)
+    chunks = []
+    for stage in range(vpp):
+        vp_stage = stage if config.virtual_pipeline_model_parallel_size else None
+        model = GPTModel(
+            config=config, transformer_layer_spec=spec,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True, vp_stage=vp_stage, **kwargs)
+        chunks.append(model)
+    return chunks

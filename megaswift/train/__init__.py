@@ -1,0 +1,1 @@
+"""The training loop around megatron-core's schedules, optimizer and dist_checkpointing."""

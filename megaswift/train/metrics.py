@@ -1,0 +1,75 @@
+"""Progress reporting on rank 0: a console line, metrics.jsonl, TensorBoard events and a progress bar."""
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+# Dense bf16 peak FLOP/s per device, for MFU; devices not listed get no MFU figure.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def device_peak_flops() -> float | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(hf: dict, seq_length: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) + causal attention scores (6 x L x s x h_attn)."""
+    h, layers = hf["hidden_size"], hf["num_hidden_layers"]
+    heads, groups = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or h // heads
+    attention = h * head_dim * (2 * heads + 2 * groups)
+    experts_per_token = hf.get("num_experts_per_tok", 1) if (hf.get("num_local_experts") or hf.get("num_experts")) else 1
+    ffn = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+    mlp = 3 * h * ffn * experts_per_token + 3 * h * hf.get("shared_expert_intermediate_size", 0)
+    logits = h * hf["vocab_size"]
+    return 6 * (layers * (attention + mlp) + logits) + 6 * layers * seq_length * heads * head_dim
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int, tensorboard: bool,
+                 progress_bar: bool):
+        self.enabled = enabled
+        self.jsonl = None
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # appended to across resumes
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        if progress_bar:
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, disable=None)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
+        line = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        (self.bar.write if self.bar is not None and not self.bar.disable else print)(line)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,36 @@
+"""megatron-core DDP wrapping, optimizer and learning-rate schedule for a run's settings."""
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from megaswift.config import ParallelConfig, TrainConfig
+
+
+def wrap_with_ddp(chunks: list, config: TransformerConfig, parallel: ParallelConfig) -> list:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=parallel.distributed_optimizer,
+        check_for_nan_in_grad=False, average_in_collective=False)
+    # Only the first chunk buckets its gradients; later virtual-pipeline chunks reduce as one buffer.
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=index > 0)
+            for index, chunk in enumerate(chunks)]
+
+
+def build_optimizer(model: list, train: TrainConfig, parallel: ParallelConfig, params_dtype: torch.dtype):
+    config = OptimizerConfig(
+        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype, use_distributed_optimizer=parallel.distributed_optimizer)
+    return get_megatron_optimizer(config, model)
+
+
+def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
+    decay_iters = train.lr_decay_iters or train.train_iters
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if train.lr_warmup_iters else train.lr, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=train.lr_warmup_iters, lr_decay_steps=max(decay_iters, train.lr_warmup_iters + 1),
+        lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay, end_wd=train.weight_decay,
+        wd_incr_steps=max(train.train_iters, 1), wd_incr_style="constant")
