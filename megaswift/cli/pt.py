@@ -13,10 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megaswift.checkpointing.layout import CheckpointError
+    from megaswift.data.pretrain import PretrainData, token_ids_from_tokenizer
+    from megaswift.train.trainer import Trainer, TrainingError
     try:
         config = build_run_config(PretrainConfig, args)
-        from megaswift.data.pretrain import PretrainData, token_ids_from_tokenizer
-        from megaswift.train.trainer import Trainer, TrainingError
         trainer = Trainer(config, data_source=None)
         t = config.train
         dp = trainer.dp_size

@@ -26,3 +26,9 @@ def prepare_demo_data(out_dir: str | Path, progress: bool = False) -> tuple[Path
         write_demo_corpus(corpus)
         preprocess([corpus], str(tokenizer_dir), str(prefix), progress=progress)
     return tokenizer_dir, prefix
+
+
+if __name__ == "__main__":
+    import sys
+    tokenizer, prefix = prepare_demo_data(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart/data", progress=True)
+    print(f"tokenizer: {tokenizer}\ndata: {prefix}.bin/.idx")

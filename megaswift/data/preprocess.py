@@ -87,6 +87,16 @@ def preprocess(inputs: list[Path], tokenizer_dir: str, output_prefix: str, text_
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = Path(f"{out}.bin.tmp"), Path(f"{out}.idx.tmp")
+    try:
+        return _write(inputs, tokenizer_dir, out, tmp_bin, tmp_idx, dtype, text_key, append_eod, workers, per_line,
+                      progress)
+    finally:  # on success these were renamed away; on failure no partial file is left behind
+        tmp_bin.unlink(missing_ok=True)
+        tmp_idx.unlink(missing_ok=True)
+
+
+def _write(inputs, tokenizer_dir, out, tmp_bin, tmp_idx, dtype, text_key, append_eod, workers, per_line,
+           progress) -> PreprocessStats:
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
     documents = (doc for path in inputs for doc in read_documents(Path(path), text_key, per_line))
     started, n_docs, n_tokens = time.perf_counter(), 0, 0

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.12) and installs megaswift with its test extras and the csrc extension.
+# Idempotent: a second run only re-checks the installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ ! -x .venv/bin/python ]]; then
+  if command -v pyenv >/dev/null 2>&1 && pyenv versions --bare | grep -qx '3.12.1'; then
+    PYENV_VERSION=3.12.1 python3 -m venv .venv
+  else
+    python3.12 -m venv .venv
+  fi
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first: the csrc build (--no-build-isolation) compiles against the installed torch.
+.venv/bin/python -m pip install --quiet 'torch==2.14.1' 'setuptools>=68' wheel ninja
+.venv/bin/python -m pip install --quiet --no-build-isolation -e '.[test]'
+.venv/bin/python -c "import torch, megatron.core, transformers; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)"

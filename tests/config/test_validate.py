@@ -1,0 +1,45 @@
+"""Invalid layouts fail before any process group exists, naming the setting and what is allowed."""
+import pytest
+
+from megaswift.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from megaswift.config.validate import validate_choices, validate_layout
+from megaswift.models import preset_hf_config
+
+LLAMA = preset_hf_config("tiny-llama")      # 4 heads, 2 kv heads, 4 layers
+MIXTRAL = preset_hf_config("tiny-mixtral")  # 4 experts
+
+
+def _validate(hf=LLAMA, world=2, data=None, train=None, **parallel):
+    return validate_layout(hf, ParallelConfig(**parallel), train or TrainConfig(micro_batch_size=1,
+                                                                                 global_batch_size=4),
+                           data or DataConfig(seq_length=32), world)
+
+
+def test_valid_layouts_return_data_parallel_size():
+    assert _validate(world=2, tensor=2) == 1
+    assert _validate(world=4, pipeline=2) == 2
+    assert _validate(hf=MIXTRAL, world=2, expert=2) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tensor": 3, "world": 3}, r"parallel.tensor=3 must divide num_attention_heads=4; allowed: \[1, 2\]"),
+    ({"tensor": 4, "world": 4}, r"parallel.tensor=4 must divide num_key_value_heads=2"),
+    ({"pipeline": 3, "world": 3}, r"num_hidden_layers=4 is not divisible by parallel.pipeline x"),
+    ({"pipeline": 2, "virtual_pipeline": 4, "world": 2}, r"not divisible by parallel.pipeline x parallel.virtual"),
+    ({"tensor": 2, "world": 3}, r"world size 3 is not divisible by parallel.tensor"),
+    ({"sequence_parallel": True, "world": 1}, r"sequence_parallel=true needs parallel.tensor > 1"),
+    ({"expert": 2, "world": 2}, r"parallel.expert=2 needs an MoE model"),
+    ({"hf": MIXTRAL, "expert": 3, "world": 3}, r"parallel.expert=3 must divide the number of experts 4"),
+    ({"context": 2, "world": 2}, r"parallel.context > 1 needs Transformer Engine"),
+    ({"world": 2, "train": TrainConfig(micro_batch_size=3, global_batch_size=4)},
+     r"global_batch_size=4 must be a multiple of train.micro_batch_size x data-parallel size = 3 x 2"),
+    ({"world": 1, "data": DataConfig(seq_length=100_000)}, r"data.seq_length=100000 exceeds"),
+])
+def test_invalid_layouts(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        _validate(**kwargs)
+
+
+def test_choices():
+    with pytest.raises(ConfigError, match=r"train.on_nan='ignore' is not allowed; choose one of \['stop', 'skip'\]"):
+        validate_choices({"train.on_nan": "ignore"})

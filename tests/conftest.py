@@ -1,0 +1,9 @@
+"""Shared fixtures: the tiny offline tokenizer and pre-training data (built once per test session)."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """(tokenizer folder, indexed dataset prefix) of the embedded default data."""
+    from megaswift.data.demo import prepare_demo_data
+    return prepare_demo_data(tmp_path_factory.mktemp("demo_data"))

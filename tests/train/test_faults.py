@@ -1,0 +1,82 @@
+"""Signals, crashes mid-save and diverging losses: what users rely on when things go wrong."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megaswift.checkpointing.layout import read_latest, resolve_checkpoint
+from tests.torchrun import REPO
+from tests.train.runner import losses, pt_flags, run_pt
+
+
+def _start_pt(flags):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "megaswift", "pt", *flags], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-4000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting")
+
+
+def _steps_logged(out: Path) -> int:
+    file = out / "metrics.jsonl"
+    if not file.is_file():
+        return 0
+    return sum(1 for line in file.read_text().splitlines() if line.endswith("}") and '"loss"' in line)
+
+
+def test_sigterm_finishes_step_saves_and_exits_zero(demo_data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = _start_pt(pt_flags(demo_data, tmp_path, train__train_iters=10_000, checkpoint__save=ckpt))
+    _wait_for(lambda: _steps_logged(tmp_path) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-4000:]
+    last = max(losses(tmp_path))
+    assert read_latest(ckpt) == last  # the checkpoint holds exactly the last finished step
+    assert last < 10_000
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(demo_data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = _start_pt(pt_flags(demo_data, tmp_path, train__train_iters=10_000, checkpoint__save=ckpt,
+                              checkpoint__save_interval=1))
+    _wait_for(lambda: read_latest(ckpt) if (ckpt / "latest").exists() else False, proc)
+    # Wait for a save in progress (its temporary folder) after at least one complete checkpoint, then kill.
+    _wait_for(lambda: any(p.name.endswith(".tmp") for p in ckpt.iterdir()), proc)
+    proc.kill()
+    proc.wait(timeout=30)
+    in_progress = [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]
+    assert in_progress, "the kill was meant to land during a save"
+    latest = read_latest(ckpt)
+    assert f"iter_{latest:07d}.tmp" not in {p.name for p in in_progress}
+    # Resuming from the folder continues from the last complete checkpoint.
+    out2 = tmp_path / "resumed"
+    run_pt(["--checkpoint.save", str(ckpt), "--logging.output_dir", str(out2),
+            "--train.train_iters", str(latest + 1)])
+    assert list(losses(out2)) == [latest + 1]
+    assert resolve_checkpoint(ckpt).name == f"iter_{latest + 1:07d}"
+
+
+def test_nan_loss_stops_with_step_number(demo_data, tmp_path):
+    # An absurd init scale overflows the forward pass: the first loss is not finite.
+    proc = run_pt(pt_flags(demo_data, tmp_path, train__train_iters=3, model__init_std=1e30), check=False)
+    assert proc.returncode == 2
+    assert "at step 1" in proc.stderr and "train.on_nan=skip" in proc.stderr
+
+
+def test_nan_loss_skip_counts_skipped_batches(demo_data, tmp_path):
+    run_pt(pt_flags(demo_data, tmp_path, train__train_iters=2, model__init_std=1e30, train__on_nan="skip"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_batches"] for r in records] == [1, 2]
