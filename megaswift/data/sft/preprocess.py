@@ -1,0 +1,206 @@
+"""The SFT data pipeline: sources -> standard conversations -> input_ids / labels / loss_scale rows.
+
+    result = preprocess_sft(SFTDataSettings(datasets=["train.jsonl", "more.parquet#5000"]),
+                            tokenizer, cache_dir="cache/", num_proc=4)
+    result.dataset  # datasets.Dataset: input_ids, labels, loss_scale, length (see template.py)
+    result.stats    # rows in/kept/dropped by reason, tokens, samples/s, tokens/s, cache hit
+
+The result is cached under cache_dir by a fingerprint of: the settings, each local data file's
+path + size + mtime (each file of a saved `datasets` folder; hub datasets by name only), the
+tokenizer's full serialised state and chat template, and the loss-scale config's content.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from megaswift.data.sft.formats import SampleFormatError, detect_format, location, normalise_row
+from megaswift.data.sft.loss_scale import load_loss_scale, LossScaleConfig, BUILTIN_DIR
+from megaswift.data.sft.sources import DatasetSpec, load_source, mix_sources
+from megaswift.data.sft.template import LOSS_ON, OVER_LENGTH, IGNORE_INDEX, SFTTemplate
+
+PIPELINE_VERSION = 1  # bump when the meaning of a cached row changes
+DROP_REASONS = ("bad_row", "too_long", "no_trained_tokens")
+OUTPUT_FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+    "loss_scale": datasets.Sequence(datasets.Value("float32")),
+    "length": datasets.Value("int32"),
+    "num_trained": datasets.Value("int32"),
+    "truncated": datasets.Value("bool"),
+    "status": datasets.Value("string"),
+})
+
+
+@dataclass(frozen=True)
+class SFTDataSettings:
+    """Everything that decides the content of the preprocessed rows (and so the cache key)."""
+    datasets: tuple[str, ...] = ()
+    max_length: int = 2048          # tokens per sample (input_ids length after the shift)
+    loss_on: str = "last_round"     # last_round | all_assistant | all
+    loss_scale: str = "default"     # built-in name (default, agent) or a JSON config path
+    over_length: str = "drop"       # drop | truncate
+    skip_bad_rows: bool = False     # skip (and count) malformed rows instead of raising
+    seed: int = 42                  # sampling (path#N) and shuffling
+    shuffle: bool = True            # shuffle the mix of datasets
+
+    def __post_init__(self):
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        if not self.datasets:
+            raise ValueError("SFTDataSettings.datasets: expected at least one dataset, found none")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on: expected one of {LOSS_ON}, found {self.loss_on!r}")
+        if self.over_length not in OVER_LENGTH:
+            raise ValueError(f"over_length: expected one of {OVER_LENGTH}, found {self.over_length!r}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length: expected >= 1, found {self.max_length}")
+
+
+@dataclass
+class PreprocessedSFT:
+    dataset: datasets.Dataset
+    stats: dict = field(default_factory=dict)
+
+
+def _file_state(path: Path) -> list:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _loss_scale_file(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    return path if path.suffix or path.exists() else BUILTIN_DIR / f"{name_or_path}.json"
+
+
+def fingerprint(settings: SFTDataSettings, tokenizer) -> str:
+    """Hex digest naming the cached result of these settings, data files and tokenizer."""
+    h = hashlib.sha256()
+    h.update(json.dumps([PIPELINE_VERSION, dataclasses.asdict(settings)], sort_keys=True).encode())
+    for text in settings.datasets:
+        where = Path(os.path.expanduser(DatasetSpec.parse(text).location))
+        h.update(json.dumps(_file_state(where) if where.exists() else ["hub", str(where)]).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.all_special_tokens]).encode())
+    h.update(_loss_scale_file(settings.loss_scale).read_bytes())
+    return h.hexdigest()
+
+
+class _RowEncoder:
+    """The function `datasets.map` runs: raw rows -> encoded rows with a status (picklable)."""
+
+    def __init__(self, template: SFTTemplate, skip_bad_rows: bool):
+        self.template, self.skip_bad_rows = template, skip_bad_rows
+
+    def __call__(self, batch: dict) -> dict:
+        out = {name: [] for name in OUTPUT_FEATURES}
+        for raw, origin, line, fmt in zip(batch["raw"], batch["origin"], batch["line"], batch["format"]):
+            try:
+                sample = normalise_row(json.loads(raw), fmt, location(origin, line))
+            except SampleFormatError as err:
+                if not self.skip_bad_rows:
+                    raise
+                encoded, status = None, f"bad_row: {err}"
+            else:
+                encoded = self.template.encode(sample)
+                status = encoded.drop_reason
+            ids = encoded.input_ids if encoded else []
+            labels = encoded.labels if encoded else []
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["loss_scale"].append(encoded.loss_scale if encoded else [])
+            out["length"].append(len(ids))
+            out["num_trained"].append(sum(1 for x in labels if x != IGNORE_INDEX))
+            out["truncated"].append(bool(encoded and encoded.truncated))
+            out["status"].append(status)
+        return out
+
+
+def load_raw_mixture(settings: SFTDataSettings) -> datasets.Dataset:
+    """All datasets of the settings, each with its detected format, sampled and mixed."""
+    parts = []
+    for index, text in enumerate(settings.datasets):
+        part = load_source(text, seed=settings.seed + index)
+        if len(part) == 0:
+            raise ValueError(f"dataset {text!r}: expected at least one row, found an empty dataset")
+        first = part[0]
+        fmt = detect_format(json.loads(first["raw"]), location(first["origin"], first["line"]))
+        parts.append(part.add_column("format", [fmt] * len(part)))
+    return mix_sources(parts, seed=settings.seed, shuffle=settings.shuffle)
+
+
+def _encode_all(settings: SFTDataSettings, tokenizer, num_proc: int) -> tuple[datasets.Dataset, dict]:
+    start = time.perf_counter()
+    raw = load_raw_mixture(settings)
+    loss_scale: LossScaleConfig = load_loss_scale(settings.loss_scale)
+    template = SFTTemplate(tokenizer, settings.loss_on, settings.max_length, settings.over_length, loss_scale)
+    encoded = raw.map(_RowEncoder(template, settings.skip_bad_rows), batched=True, batch_size=256,
+                      num_proc=num_proc if num_proc > 1 else None, remove_columns=raw.column_names,
+                      features=OUTPUT_FEATURES, new_fingerprint=fingerprint(settings, tokenizer)[:40],
+                      desc="sft: normalise + tokenize")
+    status = np.asarray(encoded["status"], dtype=object)
+    kept = np.flatnonzero(status == "")
+    seconds = time.perf_counter() - start
+    lengths = np.asarray(encoded["length"], dtype=np.int64)
+    stats = {
+        "rows_in": len(encoded),
+        "rows_kept": int(kept.size),
+        "dropped": {r: int(sum(1 for s in status if s.startswith(r))) for r in DROP_REASONS},
+        "bad_row_examples": [s[len("bad_row: "):] for s in status if s.startswith("bad_row")][:3],
+        "truncated": int(np.asarray(encoded["truncated"])[kept].sum()),
+        "tokens": int(lengths[kept].sum()),
+        "trained_tokens": int(np.asarray(encoded["num_trained"], dtype=np.int64)[kept].sum()),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(len(encoded) / seconds, 1),
+        "tokens_per_s": round(float(lengths.sum()) / seconds, 1),
+    }
+    if kept.size == 0:
+        raise ValueError(f"sft data: expected at least one usable row, found none ({describe_stats(stats)}); "
+                         f"raise max_length, use over_length='truncate', or check the data")
+    dataset = encoded.select(kept.tolist()).remove_columns(["status", "truncated"]).flatten_indices()
+    return dataset, stats
+
+
+def preprocess_sft(settings: SFTDataSettings, tokenizer, cache_dir: str | Path | None = None,
+                   num_proc: int = 1, report: bool = True) -> PreprocessedSFT:
+    """Run (or load from cache) the pipeline; see the module docstring."""
+    key = fingerprint(settings, tokenizer)[:20]
+    target = Path(cache_dir) / f"sft-{key}" if cache_dir is not None else None
+    if target is not None and (target / "stats.json").exists():
+        stats = json.loads((target / "stats.json").read_text())
+        result = PreprocessedSFT(datasets.load_from_disk(str(target / "dataset")), {**stats, "cache_hit": True})
+    else:
+        dataset, stats = _encode_all(settings, tokenizer, num_proc)
+        stats["fingerprint"] = key
+        if target is not None:
+            partial = target.with_name(target.name + f".tmp-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            dataset.save_to_disk(str(partial / "dataset"))
+            (partial / "stats.json").write_text(json.dumps(stats, indent=1))  # written last: marks completion
+            if target.exists():  # another process finished the same work first
+                shutil.rmtree(partial)
+            else:
+                os.replace(partial, target)
+            dataset = datasets.load_from_disk(str(target / "dataset"))
+        result = PreprocessedSFT(dataset, {**stats, "cache_hit": False})
+    if report:
+        print(describe_stats(result.stats), file=sys.stderr)
+    return result
+
+
+def describe_stats(stats: dict) -> str:
+    dropped = ", ".join(f"{k} {v}" for k, v in stats["dropped"].items() if v) or "none"
+    source = "cache" if stats.get("cache_hit") else f"{stats['seconds']} s"
+    return (f"sft data: {stats['rows_kept']}/{stats['rows_in']} rows kept (dropped: {dropped}; truncated "
+            f"{stats['truncated']}), {stats['tokens']} tokens ({stats['trained_tokens']} trained); {source}, "
+            f"{stats['samples_per_s']} samples/s, {stats['tokens_per_s']} tokens/s")

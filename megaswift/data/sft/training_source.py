@@ -1,0 +1,101 @@
+"""The `DataSource` of `megaswift sft`: preprocessed chat rows as fixed-length training rows.
+
+Each row is a dict the trainer's forward step consumes: tokens, labels (-100 replaced by 0, since
+megatron-core's vocab-parallel cross entropy has no ignore index; loss_mask carries the exclusion),
+loss_mask, loss_scale, position_ids, and for packed rows a block-diagonal causal attention mask so
+attention never crosses samples. Row order is a seeded permutation per epoch, so a resumed run sees the
+same rows as an uninterrupted one.
+"""
+from pathlib import Path
+
+import numpy
+import torch
+import torch.distributed as dist
+
+from megaswift.config import SFTDataConfig
+from megaswift.data.pretrain import MicroBatches
+from megaswift.data.sft.packing import PackedSFTDataset, block_diagonal_causal_mask, collate_padded
+from megaswift.data.sft.preprocess import SFTDataSettings, preprocess_sft
+from megaswift.data.sft.template import IGNORE_INDEX
+
+DEFAULT_CACHE = Path.home() / ".cache" / "megaswift" / "sft"
+
+
+class TrainingRows(torch.utils.data.Dataset):
+    """Fixed-length rows over the preprocessed samples, packed or padded; indices past one epoch wrap
+    around through a fresh seeded permutation."""
+
+    def __init__(self, samples, seq_length: int, pad_id: int, packing: bool, seed: int):
+        self.seq_length, self.pad_id, self.packing, self.seed = seq_length, pad_id, packing, seed
+        self.rows = PackedSFTDataset(samples, seq_length, pad_id) if packing else samples
+        self.epoch_size = len(self.rows)
+        if self.epoch_size == 0:
+            raise ValueError("sft: no training rows left after preprocessing (all samples dropped?)")
+
+    def __len__(self) -> int:
+        return 2 ** 62  # endless: MicroBatches asks for consecutive indices, epochs follow each other
+
+    def _row(self, index: int) -> dict:
+        epoch, offset = divmod(index, self.epoch_size)
+        order = numpy.random.default_rng([self.seed, epoch]).permutation(self.epoch_size)
+        return self.rows[int(order[offset])]
+
+    def __getitem__(self, index: int) -> dict:
+        row = self._row(index)
+        if self.packing:
+            mask = block_diagonal_causal_mask(row["cu_seqlens"], self.seq_length)[0]
+            batch = {"input_ids": row["input_ids"], "labels": row["labels"], "loss_scale": row["loss_scale"],
+                     "position_ids": row["position_ids"], "attention_mask": mask}
+        else:
+            padded = collate_padded([row], self.seq_length, self.pad_id)
+            batch = {key: value[0] for key, value in padded.items()}
+        labels = batch["labels"]
+        return {"tokens": batch["input_ids"], "labels": labels.masked_fill(labels == IGNORE_INDEX, 0),
+                "loss_mask": (labels != IGNORE_INDEX).float(), "loss_scale": batch["loss_scale"],
+                "position_ids": batch["position_ids"], **({"attention_mask": batch["attention_mask"]}
+                                                          if "attention_mask" in batch else {})}
+
+
+class SFTData:
+    def __init__(self, data: SFTDataConfig, tokenizer, seed: int, micro_batch_size: int):
+        self.data, self.tokenizer, self.seed, self.micro = data, tokenizer, seed, micro_batch_size
+        self._splits = None
+        self.stats: dict = {}
+
+    def _preprocess(self):
+        settings = SFTDataSettings(datasets=tuple(self.data.datasets), max_length=self.data.seq_length,
+                                   loss_on=self.data.loss_on, loss_scale=self.data.loss_scale,
+                                   over_length=self.data.over_length, skip_bad_rows=self.data.skip_bad_rows,
+                                   seed=self.seed)
+        cache = self.data.cache_dir or DEFAULT_CACHE
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        # Rank 0 preprocesses; the others then read its cache instead of repeating the work.
+        if rank != 0 and dist.is_initialized():
+            dist.barrier()
+        result = preprocess_sft(settings, self.tokenizer, cache, self.data.num_proc, report=rank == 0)
+        if rank == 0 and dist.is_initialized():
+            dist.barrier()
+        return result
+
+    def _build(self):
+        if self._splits is None:
+            result = self._preprocess()
+            self.stats = result.stats
+            samples = result.dataset
+            n_valid = int(len(samples) * self.data.valid_fraction)
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            make = lambda part: TrainingRows(part, self.data.seq_length, pad_id, self.data.packing, self.seed)
+            train = make(samples.select(range(n_valid, len(samples))))
+            valid = make(samples.select(range(n_valid))) if n_valid else None
+            self._splits = (train, valid)
+        return self._splits
+
+    def train_iterators(self, consumed_samples: int, dp_rank: int, dp_size: int, count: int) -> list:
+        train = self._build()[0]
+        return [MicroBatches(train, self.micro, dp_rank, dp_size, consumed_samples) for _ in range(count)]
+
+    def valid_iterators(self, dp_rank: int, dp_size: int, count: int) -> list | None:
+        valid = self._build()[1]
+        if valid is None:
+            return None
+        return [MicroBatches(valid, self.micro, dp_rank, dp_size, 0) for _ in range(count)]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU check for csrc (needs one CUDA GPU; about 3-5 minutes on an H200, 8 at most):
+#   1. builds both extensions in place (the CUDA one is required: MEGASWIFT_BUILD_CUDA=1),
+#   2. runs tests/kernels, CUDA tests (@pytest.mark.gpu) included, against the torch references,
+#   3. runs the GPU benchmark ([16384, 128256] bf16 vs torch and megatron-core) and writes
+#      benchmarks/results/loss_kernel_cuda.json, plus the logs of each step beside it.
+# Uses .venv/bin/python when present, else python3 (or $PYTHON). Needs no network: the
+# megatron-core baseline is skipped, and said so, where megatron-core is not installed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+RESULTS=${RESULTS_DIR:-benchmarks/results}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} MEGASWIFT_BUILD_CUDA=1
+SECONDS=0
+
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+
+echo "== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0 default})"
+"$PY" setup.py build_ext --inplace >"$RESULTS/gpu_build.log" 2>&1 || { tail -n 60 "$RESULTS/gpu_build.log"; exit 1; }
+echo "built in ${SECONDS}s"
+"$PY" -m megaswift doctor | tee "$RESULTS/gpu_doctor.txt"
+
+echo "== tests/kernels (CUDA tests included)"
+set +e
+timeout 300 "$PY" -m pytest tests/kernels -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+set -e
+echo "tests exit code $tests_rc after ${SECONDS}s"
+
+echo "== GPU benchmark"
+bench_args=(--device cuda)
+"$PY" -c "import megatron.core" 2>/dev/null || { echo "megatron-core not importable: its baseline is skipped"; bench_args+=(--no-megatron); }
+timeout 240 "$PY" benchmarks/loss_kernel.py "${bench_args[@]}" --out "$RESULTS/loss_kernel_cuda.json" 2>&1 | tee "$RESULTS/gpu_benchmark.log"
+echo "== done in ${SECONDS}s (tests exit code $tests_rc)"
+exit "$tests_rc"
