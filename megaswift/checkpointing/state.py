@@ -69,17 +69,37 @@ def save_checkpoint(root: str | Path, iteration: int, chunks: list, optimizer, s
     return final
 
 
-def untie_adam_steps(optimizer) -> None:
-    """torch's AdamW (megatron's fallback without Apex) keeps a `step` tensor per parameter; loading a
-    distributed-optimizer checkpoint gives every parameter the SAME step tensor, so each update then
-    advances it many times and resumed training silently diverges. Give each parameter its own."""
+def restore_adam_steps(optimizer) -> None:
+    """torch's AdamW (megatron's fallback without Apex) keeps a `step` tensor per parameter. megatron's
+    distributed optimizer restores the step into ONE tensor shared by every parameter (so each update
+    advances it once per parameter), and its per-parameter state load then writes back the placeholder
+    steps it was primed with. Either way resumed training silently diverges. The true step is in the
+    param groups: give every parameter its own tensor holding it."""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_optimizer = getattr(inner, "optimizer", None)
         if torch_optimizer is None:
             continue
-        for state in torch_optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param, {})
+                if "step" in group and group["step"] is not None:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                elif torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+
+
+def prime_optimizer_state(optimizer) -> None:
+    """torch's AdamW creates its state (moments and a per-parameter `step`) on the first step, but megatron's
+    distributed optimizer reads that state while building the state dict to load into, and asserts that it
+    holds exactly one step value (`assert len(steps) == 1`). Create it empty, one step tensor per parameter."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if torch_optimizer is None:
+            continue
+        inner.init_state_fn(torch_optimizer, inner.config)
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                torch_optimizer.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, scheduler=None) -> int:
@@ -92,6 +112,8 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
                               f"load it with checkpoint.finetune=true to start training from its weights")
     if not saved_chunks:
         raise CheckpointError(f"{ckpt_dir}/megaswift.json lists no model state in 'contents'")
+    if optimizer is not None:
+        prime_optimizer_state(optimizer)
     state = sharded_training_state(chunks, optimizer, is_loading=True)
     # Virtual-pipeline chunks hold layer subsets; on disk every layer has a global key, so any chunking loads.
     # Unexpected keys are fine (a weights-only load skips the optimizer's); a missing key fails the load.
@@ -101,7 +123,7 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
     if optimizer is not None:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        untie_adam_steps(optimizer)
+        restore_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(dist_checkpointing.load_common_state_dict(str(ckpt_dir))["scheduler"])
     return int(meta["iteration"])

@@ -94,3 +94,32 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class SFTDataConfig:
+    """Chat / agent data for fine-tuning: sources, template masks, loss scale and packing."""
+    datasets: list[str] = _help("jsonl/json/csv/parquet files, `datasets` folders or hub names; `path#N` samples N "
+                                "rows", factory=list)
+    tokenizer: str | None = _help("HF tokenizer folder with a chat template (default: the checkpoint's hf_assets)")
+    seq_length: int = _help("tokens per training row (samples are truncated or dropped to fit)", 512)
+    loss_on: str = _help("which tokens are trained: last_round, all_assistant or all", "all_assistant")
+    loss_scale: str = _help("per-token loss weights: default, agent, or a JSON config file", "default")
+    over_length: str = _help("samples longer than seq_length: drop or truncate", "drop")
+    packing: bool = _help("pack several samples per row (first-fit-decreasing, attention never crosses samples)",
+                          False)
+    skip_bad_rows: bool = _help("skip malformed rows (counted in the log) instead of stopping", False)
+    num_proc: int = _help("preprocessing worker processes", 1)
+    cache_dir: str | None = _help("preprocessing cache (default: ~/.cache/megaswift/sft)")
+    valid_fraction: float = _help("fraction of samples held out for evaluation", 0.0)
+
+
+@dataclass
+class SFTConfig:
+    """Everything `megaswift sft` needs; a checkpoint records it whole."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -89,8 +89,8 @@ class MicroBatches:
         start = self.next_index + self.dp_rank * self.micro
         self.next_index += self.micro * self.dp_size
         samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.micro)]
-        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]
+                if key != "attention_mask" or samples[0][key] is not None}
 
 
 class PretrainData:

@@ -165,12 +165,13 @@ class Trainer:
                         grad_norm = float("nan")
                     else:
                         _, grad_norm, _ = optimizer.step()
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                     scheduler.step(increment=1)
                     elapsed = time.perf_counter() - began
                     result.losses[step] = loss
                     result.last_step = step
                     if step % cfg.logging.log_interval == 0 or step == end:
-                        record = {"step": step, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                        record = {"step": step, "loss": loss, "lr": lr,
                                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                                   "tokens_per_s": tokens_per_step / elapsed,
                                   "tflops_per_s": flops_per_step / elapsed / 1e12 / max(world.world_size, 1),

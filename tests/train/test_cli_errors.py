@@ -17,7 +17,7 @@ def _pt(*flags):
 @pytest.mark.parametrize("flags, message", [
     (["--model.preset", "gpt-5"], "unknown model preset 'gpt-5'; available: ["),
     (["--data.paths", "/nonexistent/data"], "/nonexistent/data.bin does not exist"),
-    (["--data.paths", "x", "--parallel.tensor", "3"], "parallel.tensor=3"),
+    (["--data.paths", "x", "--parallel.tensor", "3"], "world size 1 is not divisible by parallel.tensor"),
     (["--checkpoint.load", "/nonexistent/ckpt"], "checkpoint /nonexistent/ckpt does not exist"),
 ])
 def test_bad_input_is_a_clear_error(flags, message, tmp_path):

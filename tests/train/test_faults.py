@@ -1,6 +1,8 @@
 """Signals, crashes mid-save and diverging losses: what users rely on when things go wrong."""
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,13 +72,25 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(demo_data, tmp_
 
 
 def test_nan_loss_stops_with_step_number(demo_data, tmp_path):
-    # An absurd init scale overflows the forward pass: the first loss is not finite.
-    proc = run_pt(pt_flags(demo_data, tmp_path, train__train_iters=3, model__init_std=1e30), check=False)
+    # An absurd learning rate blows the weights up: within a few steps the loss is no longer finite.
+    proc = run_pt(pt_flags(demo_data, tmp_path, train__train_iters=8, train__lr=1e30, train__lr_warmup_iters=0,
+                           train__clip_grad=0), check=False)
     assert proc.returncode == 2
-    assert "at step 1" in proc.stderr and "train.on_nan=skip" in proc.stderr
+    match = re.search(r"loss is (nan|inf|-inf) at step (\d+); stopping \(set train.on_nan=skip", proc.stderr)
+    assert match, proc.stderr[-3000:]
+    logged = losses(tmp_path) if (tmp_path / "metrics.jsonl").exists() else {}
+    # Every step before the failing one was logged with a finite loss; the failing one was not trained.
+    assert sorted(logged) == list(range(1, int(match.group(2))))
+    assert all(math.isfinite(v) for v in logged.values())
 
 
 def test_nan_loss_skip_counts_skipped_batches(demo_data, tmp_path):
-    run_pt(pt_flags(demo_data, tmp_path, train__train_iters=2, model__init_std=1e30, train__on_nan="skip"))
+    run_pt(pt_flags(demo_data, tmp_path, train__train_iters=6, train__lr=1e30, train__lr_warmup_iters=0,
+                    train__clip_grad=0, train__on_nan="skip"))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_batches"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == list(range(1, 7))  # the run went on to the end
+    non_finite = 0
+    for record in records:
+        non_finite += not math.isfinite(record["loss"])
+        assert record["skipped_batches"] == non_finite
+    assert non_finite >= 1

@@ -70,14 +70,21 @@ def _parse_rule(rule, index: int, source: str) -> LossScaleRule:
     return LossScaleRule(pattern, tuple(float(w) for w in weights))
 
 
+def loss_scale_path(name_or_path: str) -> Path:
+    """A built-in name (`default`, `agent`) wins over a same-named folder in the working directory;
+    anything else must be a JSON file."""
+    if name_or_path in builtin_loss_scales():
+        return BUILTIN_DIR / f"{name_or_path}.json"
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"loss scale {name_or_path!r}: expected a built-in name {builtin_loss_scales()} "
+                         f"or a path to a JSON config file, found neither")
+    return path
+
+
 def load_loss_scale(name_or_path: str) -> LossScaleConfig:
     """A built-in config by name (`default`, `agent`) or a JSON file by path."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = BUILTIN_DIR / f"{name_or_path}.json"
-        if not path.exists():
-            raise ValueError(f"loss scale {name_or_path!r}: expected a built-in name {builtin_loss_scales()} "
-                             f"or a path to a JSON config, found neither")
+    path = loss_scale_path(name_or_path)
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:

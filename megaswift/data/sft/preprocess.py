@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 
 from megaswift.data.sft.formats import SampleFormatError, detect_format, location, normalise_row
-from megaswift.data.sft.loss_scale import load_loss_scale, LossScaleConfig, BUILTIN_DIR
+from megaswift.data.sft.loss_scale import LossScaleConfig, load_loss_scale, loss_scale_path
 from megaswift.data.sft.sources import DatasetSpec, load_source, mix_sources
 from megaswift.data.sft.template import LOSS_ON, OVER_LENGTH, IGNORE_INDEX, SFTTemplate
 
@@ -77,11 +77,6 @@ def _file_state(path: Path) -> list:
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _loss_scale_file(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    return path if path.suffix or path.exists() else BUILTIN_DIR / f"{name_or_path}.json"
-
-
 def fingerprint(settings: SFTDataSettings, tokenizer) -> str:
     """Hex digest naming the cached result of these settings, data files and tokenizer."""
     h = hashlib.sha256()
@@ -92,7 +87,7 @@ def fingerprint(settings: SFTDataSettings, tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps([tokenizer.chat_template, tokenizer.all_special_tokens]).encode())
-    h.update(_loss_scale_file(settings.loss_scale).read_bytes())
+    h.update(loss_scale_path(settings.loss_scale).read_bytes())
     return h.hexdigest()
 
 

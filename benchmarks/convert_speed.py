@@ -1,0 +1,157 @@
+"""Benchmark `megaswift convert` on a ~2 GB bf16 Llama-shaped checkpoint against copying the same files.
+
+Generates a random HF checkpoint (hidden 2048, 16 layers, GQA 32/8 heads, ffn 7168, vocab 32000, two
+safetensors shards + index) in a temporary folder, then times, each in its own process: `cp -r` of the
+HF folder (the baseline), `convert hf2mcore`, `convert mcore2hf`, and a bare start-up of Python with
+the converter's imports (torch, megatron-core), which is a fixed cost inside each conversion. Peak RSS
+is each child's own (/usr/bin/time). Checks the round trip is bit-exact, deletes everything, writes
+benchmarks/results/convert_speed.json. Goals: each direction <= 2x the copy time; peak RSS <=
+2x the largest tensor + 1 GiB.
+
+    .venv/bin/python benchmarks/convert_speed.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SHAPE = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+         "intermediate_size": 7168, "vocab_size": 32000}
+
+
+def hf_config(shape: dict) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": False,
+            "max_position_embeddings": 8192, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+            **shape}
+
+
+def tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
+    h, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.input_layernorm.weight": (h,), f"{p}.self_attn.q_proj.weight": (h, h),
+                       f"{p}.self_attn.k_proj.weight": (kv, h), f"{p}.self_attn.v_proj.weight": (kv, h),
+                       f"{p}.self_attn.o_proj.weight": (h, h), f"{p}.post_attention_layernorm.weight": (h,),
+                       f"{p}.mlp.gate_proj.weight": (f, h), f"{p}.mlp.up_proj.weight": (f, h),
+                       f"{p}.mlp.down_proj.weight": (h, f)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    return shapes
+
+
+def generate_checkpoint(folder: Path, shape: dict, shards: int = 2) -> tuple[int, int]:
+    """Writes the HF folder; returns (total bytes, largest tensor bytes)."""
+    folder.mkdir(parents=True)
+    shapes = tensor_shapes(shape)
+    names = list(shapes)
+    per_shard = -(-len(names) // shards)
+    weight_map, total, largest = {}, 0, 0
+    g = torch.Generator().manual_seed(0)
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: torch.randn(shapes[n], generator=g).to(torch.bfloat16)
+                for n in names[s * per_shard:(s + 1) * per_shard]}
+        save_file(part, folder / file, metadata={"format": "pt"})
+        for n, t in part.items():
+            weight_map[n] = file
+            total += t.nbytes
+            largest = max(largest, t.nbytes)
+        del part
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(hf_config(shape)))
+    return total, largest
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Wall time and the child's own peak RSS, measured by /usr/bin/time: os.wait4 from this process
+    would also count the RSS of the forked copy of this (large) process before exec."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KIB %M", *cmd], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    max_rss_kib = int(proc.stderr.strip().splitlines()[-1].split()[-1])
+    return {"seconds": round(wall, 3), "peak_rss_bytes": max_rss_kib * 1024}
+
+
+def round_trip_bit_exact(source: Path, back: Path) -> bool:
+    from converters.safetensors_file import SafetensorsFile
+    src_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    back_map = json.loads((back / "model.safetensors.index.json").read_text())["weight_map"]
+    if src_map.keys() != back_map.keys():
+        return False
+    files = {}
+
+    def file(folder, name):
+        return files.setdefault((folder, name), SafetensorsFile(folder / name))
+    return all(torch.equal(file(source, src_map[k]).read(k), file(back, back_map[k]).read(k)) for k in src_map)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=None, help="where the temporary checkpoints go (default: system temp)")
+    p.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
+    args = p.parse_args()
+    shape = {**SHAPE, "num_hidden_layers": args.layers}
+    root = Path(tempfile.mkdtemp(prefix="convert_speed_", dir=args.workdir))
+    python = [sys.executable, "-m", "megaswift", "convert"]
+    try:
+        total, largest = generate_checkpoint(root / "hf", shape)
+        results = {
+            "copy": run_child(["cp", "-r", str(root / "hf"), str(root / "copy")]),
+            "startup": run_child([sys.executable, "-c", "import converters.hf2mcore, converters.mcore2hf, "
+                                  "converters.mcore_layout, megatron.core.models.gpt"]),
+            "hf2mcore": run_child([*python, "hf2mcore", str(root / "hf"), str(root / "mcore"), "--no-verify",
+                                   "--no-progress"]),
+            "mcore2hf": run_child([*python, "mcore2hf", str(root / "mcore"), str(root / "back"), "--no-verify",
+                                   "--no-progress", "--max-shard-size", "1GB"]),
+        }
+        bit_exact = round_trip_bit_exact(root / "hf", root / "back")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    copy_s, startup_s = results["copy"]["seconds"], results["startup"]["seconds"]
+    rss_budget = 2 * largest + 2**30
+    report = {
+        "model": {**shape, "dtype": "bfloat16", "bytes": total, "largest_tensor_bytes": largest},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
+        "results": results, "round_trip_bit_exact": bit_exact, "peak_rss_budget_bytes": rss_budget,
+        "ratios_to_copy": {d: round(results[d]["seconds"] / copy_s, 2) for d in ("hf2mcore", "mcore2hf")},
+        "ratios_to_copy_excluding_startup": {d: round((results[d]["seconds"] - startup_s) / copy_s, 2)
+                                             for d in ("hf2mcore", "mcore2hf")},
+        "goals": {"time_per_direction_le_2x_copy": all(results[d]["seconds"] <= 2 * copy_s
+                                                       for d in ("hf2mcore", "mcore2hf")),
+                  "peak_rss_le_2x_largest_plus_1GiB": all(results[d]["peak_rss_bytes"] <= rss_budget
+                                                          for d in ("hf2mcore", "mcore2hf"))},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "convert_speed.json").write_text(json.dumps(report, indent=2))
+    gib = 2**30
+    print(f"model {total / gib:.2f} GiB bf16, largest tensor {largest / 2**20:.0f} MiB; copy {copy_s:.2f} s; "
+          f"python+megatron start-up {startup_s:.2f} s ({results['startup']['peak_rss_bytes'] / gib:.2f} GiB)")
+    for d in ("hf2mcore", "mcore2hf"):
+        r = results[d]
+        print(f"{d}: {r['seconds']:.2f} s = {report['ratios_to_copy'][d]}x copy "
+              f"({report['ratios_to_copy_excluding_startup'][d]}x without start-up), peak RSS "
+              f"{r['peak_rss_bytes'] / gib:.2f} GiB (budget {rss_budget / gib:.2f} GiB)")
+    print(f"round trip bit-exact: {bit_exact}; goals: {report['goals']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""HF folder -> megaswift checkpoint (megatron-core torch_dist), streaming tensor by tensor.
+
+    OUT/latest                   "0"
+    OUT/iter_0000000/            torch_dist checkpoint ("model" = GPTModel.sharded_state_dict() keys)
+    OUT/iter_0000000/megaswift.json, hf_assets/   HF config, tokenizer and generation config
+    OUT/verification.json        coverage + logit check results (with --verify)
+"""
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from converters.coverage import check_consumed_once, check_hf_keys, check_mapping_matches_layout, expected_hf_shapes
+from converters.errors import ConversionError
+from converters.families import mappings_for
+from converters.hf_reader import HfCheckpointReader, tensor_dtype
+from converters.mcore_layout import McoreTensor, mcore_layout
+from converters.mcore_writer import write_mcore_checkpoint
+from converters.output_dir import atomic_output_dir, check_output_dir
+from converters.rules import dims_of
+from megaswift.checkpointing.layout import copy_hf_assets, iteration_dir, write_latest, write_meta
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    file = hf_dir / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{file}: missing; an HF model folder needs its config.json") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{file}: invalid JSON: {e}") from None
+
+
+def _check_shapes(mappings, layout, reader: HfCheckpointReader, dims, config_file: Path) -> None:
+    for m in mappings:
+        for key, shape in zip(m.hf, expected_hf_shapes(m, layout.tensors[m.mcore].shape, dims)):
+            if reader.shape(key) != shape:
+                raise ConversionError(f"{reader.file_of[key]}: tensor {key!r} has shape {list(reader.shape(key))}, "
+                                      f"but {config_file} implies {list(shape)}")
+
+
+def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, verify: bool | None = None,
+             overwrite: bool = False, progress: bool = True) -> dict:
+    """Returns the verification report ({} with verify=False). verify=None: verify when it fits in memory."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output_dir(out_dir, overwrite)  # fail before any work
+    hf = read_hf_config(hf_dir)
+    mappings = mappings_for(hf, where=str(hf_dir / "config.json"))
+    reader = HfCheckpointReader(hf_dir)
+    layout = mcore_layout(hf)
+    dims = dims_of(hf)
+    check_mapping_matches_layout(mappings, layout, where=hf["architectures"][0])
+    check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys()}, where=str(hf_dir))
+    _check_shapes(mappings, layout, reader, dims, hf_dir / "config.json")
+    by_name = {m.mcore: m for m in mappings}
+    dtypes = {m.mcore: DTYPES[dtype] if dtype else tensor_dtype(reader, m.hf[0]) for m in mappings}
+    bar = tqdm(total=len(mappings), desc="hf2mcore", unit="tensor", disable=not progress)
+
+    def produce(target: McoreTensor) -> torch.Tensor:
+        mapping = by_name[target.name]
+        tensor = mapping.transform.to_mcore([reader.read(k) for k in mapping.hf], dims, target.shape)
+        bar.update()
+        return tensor.to(dtypes[target.name])
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        ckpt = iteration_dir(tmp, 0)
+        write_mcore_checkpoint(ckpt, layout, dtypes, produce)
+        bar.close()
+        check_consumed_once(reader.reads, {k for m in mappings for k in m.hf}, where=str(hf_dir))
+        reader.close()
+        write_meta(ckpt, {"iteration": 0, "hf_config": hf, "contents": ["model"],
+                          "config": {"model": {"hf_config": None, "preset": None, "overrides": {}}}})
+        copy_hf_assets(hf_dir, ckpt / "hf_assets")
+        report = {}
+        if verify is not False:
+            from converters.verify import verify_conversion
+            report = verify_conversion(hf, hf_dir=hf_dir, mcore_dir=ckpt, hf_dtype=DTYPES.get(dtype), tmp=tmp,
+                                       final=out_dir, direction="hf2mcore", forced=verify is True,
+                                       coverage={"hf_tensors": len(reader.reads), "mcore_tensors": len(layout.tensors)},
+                                       parameter_count=sum(torch.Size(t.shape).numel()
+                                                           for t in layout.tensors.values()))
+        write_latest(tmp, 0)
+    return report

@@ -1,0 +1,103 @@
+"""megaswift checkpoint (any TP/PP/VPP/EP that saved it) -> HF folder, streaming tensor by tensor.
+
+Writes config.json (the HF config recorded in megaswift.json, unchanged), the tokenizer and generation
+files kept in hf_assets/, sharded safetensors + model.safetensors.index.json, and verification.json.
+"""
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from converters.coverage import check_mapping_matches_layout, expected_hf_shapes
+from converters.errors import ConversionError
+from converters.families import mappings_for
+from converters.mcore_layout import McoreTensor, mcore_layout
+from converters.mcore_reader import McoreCheckpointReader
+from converters.output_dir import atomic_output_dir, check_output_dir
+from converters.rules import TensorMapping, dims_of
+from converters.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size, plan_shards
+from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, read_meta,
+                                            resolve_checkpoint)
+
+MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # what a GPTModel stores; the rest is training state
+
+
+def _read_region_of(target: McoreTensor, stored_shape: tuple[int, ...], vocab_size: int,
+                    where: str) -> tuple[tuple, tuple]:
+    """The region of the stored tensor holding `target`. Vocab-padded tensors may be stored with
+    another padding (the padded size depends on the TP that saved them): read the rows both have."""
+    sizes = list(target.chunk_sizes)
+    if target.allow_shape_mismatch and stored_shape[1:] == target.global_shape[1:]:
+        if stored_shape[0] < vocab_size:
+            raise ConversionError(f"{where}: tensor {target.key!r} has {stored_shape[0]} vocab rows, fewer than "
+                                  f"vocab_size={vocab_size} in the HF config in megaswift.json")
+        sizes[0] = min(stored_shape[0], target.global_shape[0])
+    elif stored_shape != target.global_shape:
+        raise ConversionError(f"{where}: tensor {target.key!r} is stored with global shape {list(stored_shape)}, "
+                              f"but the HF config in megaswift.json implies {list(target.global_shape)}")
+    return target.offset, tuple(sizes)
+
+
+def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "5GB", verify: bool | None = None,
+             overwrite: bool = False, progress: bool = True) -> dict:
+    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    check_output_dir(out_dir, overwrite)  # fail before any work
+    max_shard_bytes = parse_size(max_shard_size)
+    try:
+        ckpt = resolve_checkpoint(mcore_dir)
+        meta = read_meta(ckpt)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    hf = meta.get("hf_config")
+    if not hf:
+        raise ConversionError(f"{ckpt / 'megaswift.json'}: has no 'hf_config'; cannot tell which model it holds")
+    mappings = mappings_for(hf, where=f"{ckpt / 'megaswift.json'} hf_config")
+    layout = mcore_layout(hf)
+    check_mapping_matches_layout(mappings, layout, where=hf["architectures"][0])
+    reader = McoreCheckpointReader(ckpt)
+    dims = dims_of(hf)
+    regions, planned = {}, []
+    for m in mappings:
+        target = layout.tensors[m.mcore]
+        md = reader.tensor_metadata(target.key)
+        regions[m.mcore] = _read_region_of(target, tuple(md.size), hf["vocab_size"], str(ckpt))
+        read_shape = regions[m.mcore][1][len(target.chunk_sizes) - len(target.shape):]
+        planned += [PlannedTensor(k, s, md.properties.dtype)
+                    for k, s in zip(m.hf, expected_hf_shapes(m, read_shape, dims))]
+    _check_no_unused_model_tensors(reader, layout, ckpt)
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, plan_shards(planned, max_shard_bytes))
+        for m in tqdm(mappings, desc="mcore2hf", unit="tensor", disable=not progress):
+            _write_mapping(m, layout.tensors[m.mcore], regions[m.mcore], reader, writer, dims)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        copy_hf_assets(ckpt / HF_ASSETS, tmp)
+        report = {}
+        if verify is not False:
+            from converters.verify import verify_conversion
+            report = verify_conversion(hf, hf_dir=tmp, mcore_dir=ckpt, hf_dtype=None, tmp=tmp, final=out_dir,
+                                       direction="mcore2hf", forced=verify is True,
+                                       coverage={"hf_tensors": len(planned), "mcore_tensors": len(layout.tensors)},
+                                       parameter_count=sum(torch.Size(t.shape).numel() for t in planned))
+    return report
+
+
+def _write_mapping(m: TensorMapping, target: McoreTensor, region, reader: McoreCheckpointReader,
+                   writer: ShardedSafetensorsWriter, dims) -> None:
+    offsets, sizes = region
+    tensor = reader.read_region(target.key, offsets, sizes)
+    tensor = tensor.reshape(sizes[len(sizes) - len(target.shape):])  # drop the layer / expert axes
+    for key, hf_tensor in zip(m.hf, m.transform.to_hf(tensor, dims)):
+        writer.write(key, hf_tensor)
+
+
+def _check_no_unused_model_tensors(reader: McoreCheckpointReader, layout, ckpt: Path) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    used = {t.key for t in layout.tensors.values()}
+    unused = sorted(k for k, md in reader.metadata.state_dict_metadata.items()
+                    if isinstance(md, TensorStorageMetadata) and k.startswith(MODEL_KEY_PREFIXES) and k not in used)
+    if unused:
+        raise ConversionError(f"{ckpt}: model tensors the HF config in megaswift.json has no place for "
+                              f"(wrong hf_config, or a layer spec megaswift does not convert): {unused}")

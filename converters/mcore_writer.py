@@ -1,0 +1,70 @@
+"""Write a megatron-core torch_dist checkpoint one tensor at a time.
+
+`dist_checkpointing.save` wants the whole state dict in memory. Instead we hand
+torch.distributed.checkpoint a plan of write items built from the meta-model layout (keys, global
+shapes, offsets, dtypes known up front) and a planner whose `resolve_data` computes each tensor only
+when the writer reaches it (torch's serial loader asks for them one by one), so peak memory is a few
+tensors. The files are what megatron-core's torch_dist strategy writes: `__0_0.distcp`, `.metadata`
+and `metadata.json`.
+"""
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+from converters.mcore_layout import McoreLayout, McoreTensor
+
+MCORE_BACKEND_FILE = "metadata.json"
+MCORE_BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+
+
+def _tensor_write_item(target: McoreTensor, dtype: torch.dtype) -> WriteItem:
+    offset = torch.Size(target.offset)
+    return WriteItem(
+        index=MetadataIndex(fqn=target.key, offset=offset), type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offset, sizes=torch.Size(target.chunk_sizes)),
+                                    properties=TensorProperties(dtype=dtype), size=torch.Size(target.global_shape)))
+
+
+class LazySavePlanner(DefaultSavePlanner):
+    """Plans the given items and produces each tensor on demand via `produce(name)`."""
+
+    def __init__(self, layout: McoreLayout, dtypes: dict[str, torch.dtype],
+                 produce: Callable[[McoreTensor], torch.Tensor]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.targets = {(t.key, tuple(t.offset)): t for t in layout.tensors.values()}
+        self.items = [WriteItem(index=MetadataIndex(fqn=o.key), type=WriteItemType.BYTE_IO) for o in layout.objects]
+        self.items += [_tensor_write_item(t, dtypes[t.name]) for t in layout.tensors.values()]
+        self.objects = {o.key: o.data for o in layout.objects}
+        self.produce = produce
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(self.items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            buffer = io.BytesIO()
+            torch.save([self.objects[write_item.index.fqn]], buffer)  # as megatron-core stores ShardedObjects
+            return buffer
+        target = self.targets[(write_item.index.fqn, tuple(write_item.index.offset))]
+        tensor = self.produce(target)
+        expected = write_item.tensor_data
+        if tuple(tensor.shape) != target.shape or tensor.dtype != expected.properties.dtype:
+            raise AssertionError(f"{target.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
+                                 f"{target.shape} {expected.properties.dtype}")
+        return tensor.contiguous().view(target.chunk_sizes)
+
+
+def write_mcore_checkpoint(folder: Path, layout: McoreLayout, dtypes: dict[str, torch.dtype],
+                           produce: Callable[[McoreTensor], torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=False)
+    dcp.save({}, storage_writer=writer, planner=LazySavePlanner(layout, dtypes, produce), no_dist=True)
+    (folder / MCORE_BACKEND_FILE).write_text(json.dumps(MCORE_BACKEND))

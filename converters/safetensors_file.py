@@ -1,0 +1,66 @@
+"""Read tensors from a safetensors file with plain reads, not mmap: mapped pages of a large file stay
+resident and count against the process, so reading a 2 GB checkpoint through mmap costs 2 GB of RSS.
+The header is validated against the file size up front, so a truncated file fails before any work."""
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from converters.errors import ConversionError
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConversionError(f"{path}: truncated or corrupt safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ConversionError(f"{path}: truncated or corrupt safetensors file (header of {header_len} "
+                                      f"bytes, file of {size})")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConversionError(f"{path}: truncated or corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries = header
+        for key, entry in header.items():
+            start, end = entry["data_offsets"]
+            if entry["dtype"] not in DTYPES:
+                raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+            expected = torch.Size(entry["shape"]).numel() * DTYPES[entry["dtype"]].itemsize
+            if end - start != expected:
+                raise ConversionError(f"{path}: tensor {key!r}: header gives {end - start} bytes for shape "
+                                      f"{entry['shape']} {entry['dtype']} ({expected} expected)")
+            if self.data_start + end > size:
+                raise ConversionError(f"{path}: truncated or corrupt safetensors file: tensor {key!r} ends at byte "
+                                      f"{self.data_start + end}, the file has {size}")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self.entries[key]["dtype"]]
+
+    def read(self, key: str) -> torch.Tensor:
+        start, end = self.entries[key]["data_offsets"]
+        buffer = bytearray(end - start)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            if f.readinto(buffer) != len(buffer):
+                raise ConversionError(f"{self.path}: truncated while reading tensor {key!r}")
+        if not buffer:
+            return torch.empty(self.shape(key), dtype=self.dtype(key))
+        return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(self.shape(key))

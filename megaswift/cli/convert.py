@@ -1,0 +1,44 @@
+"""`megaswift convert hf2mcore | mcore2hf`: checkpoint conversion (see converters/)."""
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    to_mcore = sub.add_parser("hf2mcore", help="HF folder -> megatron-core dist checkpoint (torch_dist)")
+    to_mcore.add_argument("hf_dir", metavar="HF_DIR")
+    to_mcore.add_argument("out_dir", metavar="OUT_DIR")
+    to_mcore.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                          help="dtype of the written weights (default: keep each tensor's dtype)")
+    to_hf = sub.add_parser("mcore2hf", help="megaswift / megatron-core checkpoint -> HF folder")
+    to_hf.add_argument("mcore_dir", metavar="MCORE_DIR", help="checkpoint root (uses `latest`) or an iter_* folder")
+    to_hf.add_argument("out_dir", metavar="OUT_DIR")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    for p in (to_mcore, to_hf):
+        p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                       help="check coverage and logits against transformers after converting "
+                            "(default: on when both models fit in memory)")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from converters import ConversionError, hf2mcore, mcore2hf
+    from megaswift.config import ConfigError
+    from megaswift.models import UnsupportedModelError
+
+    try:
+        if args.direction == "hf2mcore":
+            report = hf2mcore(args.hf_dir, args.out_dir, dtype=args.dtype, verify=args.verify,
+                              overwrite=args.overwrite, progress=args.progress)
+        else:
+            report = mcore2hf(args.mcore_dir, args.out_dir, max_shard_size=args.max_shard_size, verify=args.verify,
+                              overwrite=args.overwrite, progress=args.progress)
+    except (ConversionError, UnsupportedModelError, ConfigError, ValueError) as e:
+        print(f"megaswift convert {args.direction}: error: {e}", file=sys.stderr)
+        return 1
+    logits = report.get("logits", {})
+    checked = (f"; logits max |diff| {logits['max_abs_diff']:.3g} <= {logits['threshold']}"
+               if "max_abs_diff" in logits else f"; logit check skipped: {logits['skipped']}" if logits else "")
+    print(f"megaswift convert {args.direction}: wrote {args.out_dir}{checked}")
+    return 0

@@ -1,0 +1,45 @@
+"""The fused layouts, checked against megatron-core's documented order with labelled rows, and the
+inverse of every transform (pure reshapes: bit-exact)."""
+import torch
+
+from converters.transforms import FUSED_GATE_UP, FUSED_QKV, PADDED_VOCAB, Dims
+
+DIMS = Dims(num_heads=6, num_query_groups=2, head_dim=3, vocab_size=10)
+
+
+def labelled(rows: int, label: float, cols: int = 4) -> torch.Tensor:
+    """Row r holds label + r, so each row's origin can be read back."""
+    return (label + torch.arange(rows, dtype=torch.float32)).unsqueeze(1).repeat(1, cols)
+
+
+def test_fused_qkv_orders_rows_per_query_group():
+    q, k, v = labelled(18, 100), labelled(6, 200), labelled(6, 300)
+    fused = FUSED_QKV.to_mcore([q, k, v], DIMS, (30, 4))
+    per_group_q_rows = 3 * 3  # 3 query heads per group, head_dim 3
+    expected_order = torch.cat([q[:9], k[:3], v[:3], q[9:], k[3:], v[3:]])
+    assert per_group_q_rows == 9
+    assert torch.equal(fused, expected_order)
+    assert all(torch.equal(a, b) for a, b in zip(FUSED_QKV.to_hf(fused, DIMS), (q, k, v)))
+
+
+def test_fused_qkv_bias_round_trip():
+    q, k, v = torch.randn(18), torch.randn(6), torch.randn(6)
+    fused = FUSED_QKV.to_mcore([q, k, v], DIMS, (30,))
+    assert torch.equal(fused[9:12], k[:3]) and torch.equal(fused[27:30], v[3:])
+    assert all(torch.equal(a, b) for a, b in zip(FUSED_QKV.to_hf(fused, DIMS), (q, k, v)))
+
+
+def test_fused_gate_up_puts_gate_first():
+    gate, up = labelled(5, 0), labelled(5, 50)
+    fused = FUSED_GATE_UP.to_mcore([gate, up], DIMS, (10, 4))
+    assert torch.equal(fused[:5], gate) and torch.equal(fused[5:], up)
+    assert all(torch.equal(a, b) for a, b in zip(FUSED_GATE_UP.to_hf(fused, DIMS), (gate, up)))
+
+
+def test_vocab_padding_rows_are_zero_and_stripped_back():
+    embedding = torch.randn(10, 4, dtype=torch.bfloat16)
+    padded = PADDED_VOCAB.to_mcore([embedding], DIMS, (128, 4))
+    assert padded.shape == (128, 4) and padded.dtype == torch.bfloat16
+    assert torch.equal(padded[:10], embedding) and not padded[10:].any()
+    (back,) = PADDED_VOCAB.to_hf(padded, DIMS)
+    assert torch.equal(back, embedding)

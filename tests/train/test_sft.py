@@ -1,0 +1,69 @@
+"""`megaswift sft`: packed rows train exactly like the same samples one per row, in every layout."""
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from megaswift.data.sft import PackedSFTDataset, SFTDataSettings, preprocess_sft
+from tests.torchrun import run_torchrun
+from tests.train.runner import losses
+from tests.train.test_parallel_equivalence import _assert_same_losses
+
+SEQ = 128
+STEPS = 3
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+
+
+def _write_alpaca(path, count=8):
+    rows = []
+    for i in range(count):
+        n = 3 + (i * 5) % 17  # varied lengths, so packing actually mixes samples
+        rows.append({"instruction": f"Repeat {n} words starting at {WORDS[i]}.",
+                     "input": "", "output": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_setup(demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    data = _write_alpaca(root / "train.jsonl")
+    tokenizer_dir = str(demo_data[0])
+    cache = root / "cache"
+    samples = preprocess_sft(SFTDataSettings(datasets=(str(data),), max_length=SEQ, loss_on="all_assistant"),
+                             AutoTokenizer.from_pretrained(tokenizer_dir), cache, report=False).dataset
+    packed_rows = len(PackedSFTDataset(samples, SEQ, 0))
+    assert packed_rows < len(samples), "the samples must share rows for this test to mean anything"
+    # Init weights once, so every run below starts from the same model.
+    init = root / "init"
+    _sft(root, data, tokenizer_dir, cache, root / "init_logs", nproc=1, packing=False, rows=len(samples),
+         extra=["--train.train_iters", "0", "--checkpoint.save", str(init), "--checkpoint.save_initial", "true"])
+    return root, data, tokenizer_dir, cache, init, len(samples), packed_rows
+
+
+def _sft(root, data, tokenizer_dir, cache, out, nproc, packing, rows, extra=(), init=None):
+    """One step = the whole dataset (global batch = all rows), so packed and unpacked steps see the same samples."""
+    flags = ["sft", "--model.preset", "tiny-llama", "--data.datasets", str(data), "--data.tokenizer", tokenizer_dir,
+             "--data.seq_length", str(SEQ), "--data.cache_dir", str(cache), "--data.packing", str(packing).lower(),
+             "--data.loss_on", "all_assistant", "--train.micro_batch_size", "1",
+             "--train.global_batch_size", str(rows), "--train.train_iters", str(STEPS), "--train.lr", "1e-3",
+             "--train.lr_warmup_iters", "0", "--train.precision", "fp32", "--logging.output_dir", str(out),
+             "--logging.progress_bar", "false", "--logging.tensorboard", "false", *extra]
+    if init is not None:
+        flags += ["--checkpoint.load", str(init), "--checkpoint.finetune", "true"]
+    run_torchrun(["-m", "megaswift", *flags], nproc=nproc, timeout=300)
+    return losses(out)
+
+
+@pytest.fixture(scope="module")
+def unpacked_single(sft_setup):
+    root, data, tok, cache, init, n_samples, _ = sft_setup
+    return _sft(root, data, tok, cache, root / "unpacked", 1, False, n_samples, init=init)
+
+
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["--parallel.tensor", "2"]),
+                                           (2, ["--parallel.pipeline", "2"])], ids=["single", "tp2", "pp2"])
+def test_packed_equals_unpacked(nproc, layout, sft_setup, unpacked_single, tmp_path):
+    root, data, tok, cache, init, _, packed_rows = sft_setup
+    packed = _sft(root, data, tok, cache, tmp_path, nproc, True, packed_rows, extra=layout, init=init)
+    _assert_same_losses(packed, unpacked_single)
