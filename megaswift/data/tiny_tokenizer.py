@@ -4,9 +4,15 @@ Used by tests, demos and benchmarks, where no hub download is possible. It is a 
 trained on Python's own `pydoc_data.topics` text (nothing to install), wrapped as a
 `PreTrainedTokenizerFast`, with the special tokens and the tool-calling layout of Qwen2.5-style
 ChatML models. Building it takes well under a second.
+
+For experiments on one kind of data (e.g. examples/agent), `extra_text` adds that data's rendered
+text to the training text and `merge_across_words=True` lets merges span word and punctuation
+boundaries: repeated boilerplate such as tool schemas then becomes a few tokens instead of hundreds,
+which keeps samples short enough to train on a CPU. The defaults build the general tokenizer.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -61,14 +67,19 @@ def _training_text() -> list[str]:
     return [topics[key] for key in sorted(topics)]  # sorted: the same order on every run
 
 
-def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train the tiny tokenizer; save it to `out_dir` (tokenizer.json etc.) when given, and return it."""
+def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024,
+                         extra_text: Iterable[str] = (), merge_across_words: bool = False) -> PreTrainedTokenizerFast:
+    """Train the tiny tokenizer; save it to `out_dir` (tokenizer.json etc.) when given, and return it.
+
+    extra_text: more training text, after the pydoc text (its order matters for reproducibility).
+    merge_across_words: no regex word split before BPE, so one token may cover several words.
+    """
     reserved = len(SPECIAL_TOKENS) + len(TOOL_MARKUP_TOKENS)
     if vocab_size < 256 + reserved:
         raise ValueError(f"vocab_size must be >= {256 + reserved} (256 bytes + {reserved} reserved tokens), "
                          f"found {vocab_size}")
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_across_words)
     core.decoder = decoders.ByteLevel()
     # trim_offsets=False: offsets must cover every character, leading spaces included, so character
     # spans (loss masks, loss scales) map onto tokens exactly.
@@ -79,7 +90,7 @@ def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 10
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(_training_text(), trainer=trainer)
+    core.train_from_iterator(_training_text() + list(extra_text), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",

@@ -11,24 +11,24 @@ import torch
 from megatron.core import parallel_state
 
 
-def _per_token_loss(batch: dict, output: torch.Tensor, use_fused_loss: bool) -> torch.Tensor:
-    if not use_fused_loss:
-        return output.float()  # GPTModel already computed vocab-parallel CE: [b, s]
-    from megaswift.kernels import loss_scaled_cross_entropy
-    logits = output.transpose(0, 1).contiguous() if output.shape[0] != batch["labels"].shape[0] else output
-    labels = batch["labels"]
-    flat = loss_scaled_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                     tp_group=parallel_state.get_tensor_model_parallel_group())
-    return flat.view_as(labels)
+def _token_weights(batch: dict) -> torch.Tensor:
+    """loss_mask (which tokens count) times the optional per-token loss scale (SFT agent data)."""
+    weights = batch["loss_mask"].float()
+    return weights if batch.get("loss_scale") is None else weights * batch["loss_scale"].float()
 
 
 def loss_func(batch: dict, use_fused_loss: bool, output: torch.Tensor):
-    losses = _per_token_loss(batch, output, use_fused_loss)
-    mask = batch["loss_mask"].float()
-    weights = batch.get("loss_scale")
-    weighted = losses * mask if weights is None else losses * mask * weights.float()
+    weights = _token_weights(batch)
+    if use_fused_loss:
+        # output: this rank's vocab shard of the logits, [b, s, v/tp]; one fused pass, weights included.
+        from megaswift.kernels import loss_scaled_cross_entropy
+        weighted = loss_scaled_cross_entropy(output.reshape(-1, output.shape[-1]), batch["labels"].reshape(-1),
+                                             weights.reshape(-1),
+                                             tp_group=parallel_state.get_tensor_model_parallel_group())
+    else:
+        weighted = output.float() * weights  # GPTModel already computed vocab-parallel CE: [b, s]
     loss_sum = weighted.sum()
-    num_tokens = mask.sum().to(torch.int)
+    num_tokens = batch["loss_mask"].sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
     return loss_sum, num_tokens, {"loss": report}
 

@@ -13,6 +13,8 @@ LAYOUTS = {
     "pp2_1f1b": {"parallel.pipeline": 2},
     "pp2_vpp2": {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2},
     "dp2_distributed_optimizer": {"parallel.distributed_optimizer": "true"},
+    # megaswift's fused vocab-parallel loss kernel in place of megatron-core's cross entropy.
+    "tp2_fused_loss": {"parallel.tensor": 2, "train.fused_loss": "true"},
 }
 MOE_LAYOUTS = {
     "ep2_alltoall": {"parallel.expert": 2, "model.moe_token_dispatcher": "alltoall"},
