@@ -43,6 +43,16 @@ class LazySavePlanner(DefaultSavePlanner):
         self.items += [_tensor_write_item(t, dtypes[t.name]) for t in layout.tensors.values()]
         self.objects = {o.key: o.data for o in layout.objects}
         self.produce = produce
+        self.last_written: torch.Tensor | None = None
+
+    def _release_last_written(self) -> None:
+        """FileSystemWriter keeps a reference to every tensor it wrote (a dict it only uses for its
+        safetensors format) until the file is done, so the embedding would stay resident for the whole
+        run. Its serial loader asks for the next tensor only after writing the previous one, so the
+        previous tensor's memory can be given back here."""
+        if self.last_written is not None and self.last_written.untyped_storage().resizable():
+            self.last_written.untyped_storage().resize_(0)
+        self.last_written = None
 
     def create_local_plan(self) -> SavePlan:
         self.plan = SavePlan(self.items)
@@ -53,18 +63,24 @@ class LazySavePlanner(DefaultSavePlanner):
             buffer = io.BytesIO()
             torch.save([self.objects[write_item.index.fqn]], buffer)  # as megatron-core stores ShardedObjects
             return buffer
+        self._release_last_written()
         target = self.targets[(write_item.index.fqn, tuple(write_item.index.offset))]
         tensor = self.produce(target)
         expected = write_item.tensor_data
         if tuple(tensor.shape) != target.shape or tensor.dtype != expected.properties.dtype:
             raise AssertionError(f"{target.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
                                  f"{target.shape} {expected.properties.dtype}")
-        return tensor.contiguous().view(target.chunk_sizes)
+        self.last_written = tensor.contiguous().view(target.chunk_sizes)
+        return self.last_written
 
 
 def write_mcore_checkpoint(folder: Path, layout: McoreLayout, dtypes: dict[str, torch.dtype],
                            produce: Callable[[McoreTensor], torch.Tensor]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=False)
+    # per_thread_copy_ahead=0 keeps torch on its serial loader even where CUDA is available: its
+    # overlapping loader resolves tensors ahead of writing them, which `_release_last_written` forbids
+    # (and our tensors are on the CPU already, so there is nothing to overlap).
+    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=False,
+                                  per_thread_copy_ahead=0)
     dcp.save({}, storage_writer=writer, planner=LazySavePlanner(layout, dtypes, produce), no_dist=True)
     (folder / MCORE_BACKEND_FILE).write_text(json.dumps(MCORE_BACKEND))

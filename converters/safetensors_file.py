@@ -55,12 +55,18 @@ class SafetensorsFile:
         return DTYPES[self.entries[key]["dtype"]]
 
     def read(self, key: str) -> torch.Tensor:
+        # Read straight into the tensor's own (uninitialised) memory: a zero-filled bytearray would touch
+        # every page twice, and torch.frombuffer over it gives a storage that cannot be freed early.
         start, end = self.entries[key]["data_offsets"]
-        buffer = bytearray(end - start)
-        with open(self.path, "rb") as f:
+        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if end == start:
+            return tensor
+        view, done = memoryview(tensor.view(-1).view(torch.uint8).numpy()), 0
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + start)
-            if f.readinto(buffer) != len(buffer):
-                raise ConversionError(f"{self.path}: truncated while reading tensor {key!r}")
-        if not buffer:
-            return torch.empty(self.shape(key), dtype=self.dtype(key))
-        return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(self.shape(key))
+            while done < len(view):  # one read(2) returns at most ~2 GiB
+                count = f.readinto(view[done:])
+                if not count:
+                    raise ConversionError(f"{self.path}: truncated while reading tensor {key!r}")
+                done += count
+        return tensor

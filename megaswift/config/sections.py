@@ -115,11 +115,6 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Everything `megaswift sft` needs; a checkpoint records it whole."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+class SFTConfig(PretrainConfig):
+    """Everything `megaswift sft` needs: pre-training's settings with chat data in place of indexed data."""
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)

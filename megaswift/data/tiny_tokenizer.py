@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -91,6 +91,9 @@ def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 10
         show_progress=False,
     )
     core.train_from_iterator(_training_text() + list(extra_text), trainer=trainer)
+    # The trainer registers every reserved token as special; unflag the tool markup (same ids), so that
+    # decode(skip_special_tokens=True) keeps <tool_call> tags, as Qwen2.5-style tokenizers do.
+    core.add_tokens([AddedToken(token, special=False, normalized=False) for token in TOOL_MARKUP_TOKENS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",

@@ -6,14 +6,6 @@ from tests.converters.tiny_models import FAMILY_PRESETS, save_tiny_hf_model
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory):
-    from megaswift.data.tiny_tokenizer import build_tiny_tokenizer
-    folder = tmp_path_factory.mktemp("tokenizer")
-    build_tiny_tokenizer(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def hf_model_dirs(tmp_path_factory, tiny_tokenizer_dir):
     """(family, dtype name) -> HF folder; built lazily, once per session."""
     cache = {}

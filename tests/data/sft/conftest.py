@@ -2,14 +2,11 @@
 import pytest
 from transformers import AutoTokenizer
 
-from megaswift.data.tiny_tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    build_tiny_tokenizer(path)
-    return path
+def tokenizer_dir(tiny_tokenizer_dir):
+    return tiny_tokenizer_dir
 
 
 @pytest.fixture(scope="session")

@@ -34,3 +34,17 @@ def test_chat_template_renders_tools_and_tool_calls(tokenizer):
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>' in text
     assert "<tool_response>\ncold\n</tool_response><|im_end|>" in text
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_decode_skipping_special_tokens_keeps_tool_markup(tokenizer):
+    text = "<tool_call>\n{}\n</tool_call><|im_end|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<tool_call>\n{}\n</tool_call>"
+
+
+def test_extra_text_merged_across_words_makes_that_text_short(tokenizer):
+    boilerplate = '{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n'
+    tuned = build_tiny_tokenizer(extra_text=[boilerplate] * 200, merge_across_words=True)
+    assert len(tuned) == len(tokenizer) and tuned.chat_template == tokenizer.chat_template
+    assert len(tuned(boilerplate)["input_ids"]) * 4 < len(tokenizer(boilerplate)["input_ids"])
+    assert tuned.decode(tuned(boilerplate)["input_ids"]) == boilerplate
