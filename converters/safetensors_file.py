@@ -1,6 +1,7 @@
 """Read tensors from a safetensors file with plain reads, not mmap: mapped pages of a large file stay
 resident and count against the process, so reading a 2 GB checkpoint through mmap costs 2 GB of RSS.
 The header is validated against the file size up front, so a truncated file fails before any work."""
+import ctypes
 import json
 import struct
 from pathlib import Path
@@ -61,7 +62,9 @@ class SafetensorsFile:
         tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
         if end == start:
             return tensor
-        view, done = memoryview(tensor.view(-1).view(torch.uint8).numpy()), 0
+        # A ctypes view, not .numpy(): exporting to numpy marks the storage non-resizable, and the
+        # checkpoint writer frees each written tensor's storage early (mcore_writer.py).
+        view, done = memoryview((ctypes.c_char * (end - start)).from_address(tensor.data_ptr())).cast("B"), 0
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + start)
             while done < len(view):  # one read(2) returns at most ~2 GiB

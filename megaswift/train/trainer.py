@@ -46,6 +46,36 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
+@dataclass
+class _Session:
+    """What one run holds between steps."""
+    model: list
+    optimizer: object
+    scheduler: object
+    iterators: list
+    forward_backward: object
+    forward_step: object
+    dp_rank: int
+    start_step: int
+    skipped: int = 0
+
+
+class _Throughput:
+    """tokens/s, TFLOP/s per device and MFU (where the device's peak is known) from a step's wall time."""
+
+    def __init__(self, hf: dict, config, world_size: int):
+        self.tokens = config.train.global_batch_size * config.data.seq_length
+        self.flops = flops_per_token(hf, config.data.seq_length) * self.tokens
+        self.world_size, self.peak = world_size, device_peak_flops()
+
+    def figures(self, seconds: float) -> dict:
+        per_device = self.flops / seconds / self.world_size
+        figures = {"tokens_per_s": self.tokens / seconds, "tflops_per_s": per_device / 1e12}
+        if self.peak:
+            figures["mfu"] = per_device / self.peak
+        return figures
+
+
 def resolve_precision(precision: str) -> torch.dtype:
     if precision == "auto":
         use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -118,7 +148,43 @@ class Trainer:
 
     def _run(self, world) -> TrainResult:
         cfg = self.config
-        tconfig, model, optimizer, scheduler = self._build()
+        session = self._start_session()
+        start = session.start_step
+        end = cfg.train.train_iters if cfg.train.exit_after_iters is None else \
+            min(cfg.train.train_iters, start + cfg.train.exit_after_iters)
+        logger = MetricsLogger(cfg.logging.output_dir, world.rank == 0, cfg.train.train_iters, start,
+                               cfg.logging.tensorboard, cfg.logging.progress_bar)
+        throughput = _Throughput(self.hf, cfg, world.world_size)
+        result = TrainResult(last_step=start)
+        if cfg.checkpoint.save and cfg.checkpoint.save_initial and start == 0:
+            self.save(0, session)
+        try:
+            with StopRequest() as stop:
+                for step in range(start + 1, end + 1):
+                    began = time.perf_counter()
+                    loss, grad_norm, lr = self._train_step(session, step)
+                    elapsed = time.perf_counter() - began
+                    result.losses[step], result.last_step = loss, step
+                    if step % cfg.logging.log_interval == 0 or step == end:
+                        logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                    **throughput.figures(elapsed), "step_time_s": elapsed,
+                                    "skipped_batches": session.skipped})
+                    logger.advance()
+                    if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                        logger.log({"step": step, "eval_loss": self.evaluate(session)})
+                    result.stopped_by_signal = stop.agreed()
+                    save_due = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
+                    if cfg.checkpoint.save and (save_due or step == end or result.stopped_by_signal):
+                        self.save(step, session)
+                    if result.stopped_by_signal:
+                        break
+        finally:
+            logger.close()
+        return result
+
+    def _start_session(self) -> _Session:
+        cfg = self.config
+        _, model, optimizer, scheduler = self._build()
         start = 0
         if self.load_dir is not None:
             if self.weights_only:
@@ -126,94 +192,58 @@ class Trainer:
             else:
                 start = load_checkpoint(self.load_dir, model, optimizer, scheduler)
         dp_rank = parallel_state.get_data_parallel_rank()
-        num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         iterators = self.data_source.train_iterators(start * cfg.train.global_batch_size, dp_rank, self.dp_size,
                                                      len(model))
-        forward_backward = get_forward_backward_func()
-        forward_step = make_forward_step(cfg.train.fused_loss)
-        logger = MetricsLogger(cfg.logging.output_dir, world.rank == 0, cfg.train.train_iters, start,
-                               cfg.logging.tensorboard, cfg.logging.progress_bar)
-        result = TrainResult(last_step=start)
-        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        flops_per_step = flops_per_token(self.hf, cfg.data.seq_length) * tokens_per_step
-        peak = device_peak_flops()
-        end = cfg.train.train_iters
-        if cfg.train.exit_after_iters is not None:
-            end = min(end, start + cfg.train.exit_after_iters)
-        skipped = 0
-        step = start
-        if cfg.checkpoint.save and cfg.checkpoint.save_initial and start == 0:
-            self.save(0, model, optimizer, scheduler)
-        try:
-            with StopRequest() as stop:
-                while step < end:
-                    began = time.perf_counter()
-                    for chunk in model:
-                        chunk.zero_grad_buffer()
-                    optimizer.zero_grad()
-                    losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
-                                              num_microbatches=num_micro, seq_length=cfg.data.seq_length,
-                                              micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
-                    loss_sum, count = _reduce_loss(losses).tolist()
-                    loss = loss_sum / max(count, 1.0)
-                    step += 1
-                    if not math.isfinite(loss):
-                        if cfg.train.on_nan == "stop":
-                            raise TrainingError(f"loss is {loss} at step {step}; stopping (set train.on_nan=skip "
-                                                f"to skip such batches instead)")
-                        skipped += 1
-                        grad_norm = float("nan")
-                    else:
-                        _, grad_norm, _ = optimizer.step()
-                    lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-                    scheduler.step(increment=1)
-                    elapsed = time.perf_counter() - began
-                    result.losses[step] = loss
-                    result.last_step = step
-                    if step % cfg.logging.log_interval == 0 or step == end:
-                        record = {"step": step, "loss": loss, "lr": lr,
-                                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                                  "tokens_per_s": tokens_per_step / elapsed,
-                                  "tflops_per_s": flops_per_step / elapsed / 1e12 / max(world.world_size, 1),
-                                  "step_time_s": elapsed, "skipped_batches": skipped}
-                        if peak:
-                            record["mfu"] = flops_per_step / elapsed / world.world_size / peak
-                        logger.log(record)
-                    logger.advance()
-                    if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-                        logger.log({"step": step, "eval_loss": self.evaluate(model, forward_backward, forward_step,
-                                                                             dp_rank)})
-                    stop_now = stop.agreed()
-                    if stop_now:
-                        result.stopped_by_signal = True
-                    save_due = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
-                    if cfg.checkpoint.save and (save_due or step == end or stop_now):
-                        self.save(step, model, optimizer, scheduler)
-                    if stop_now:
-                        break
-        finally:
-            logger.close()
-        return result
+        return _Session(model, optimizer, scheduler, iterators, get_forward_backward_func(),
+                        make_forward_step(cfg.train.fused_loss), dp_rank, start)
 
-    def evaluate(self, model, forward_backward, forward_step, dp_rank: int) -> float:
-        iterators = self.data_source.valid_iterators(dp_rank, self.dp_size, len(model))
+    def _train_step(self, session: _Session, step: int) -> tuple[float, float, float]:
+        """One optimizer step over a global batch; returns (loss, grad norm, learning rate it used)."""
+        cfg = self.config
+        for chunk in session.model:
+            chunk.zero_grad_buffer()
+        session.optimizer.zero_grad()
+        losses = session.forward_backward(
+            forward_step_func=session.forward_step, data_iterator=session.iterators, model=session.model,
+            num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size),
+            seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+        loss_sum, count = _reduce_loss(losses).tolist()
+        loss = loss_sum / max(count, 1.0)
+        grad_norm = float("nan")
+        if math.isfinite(loss):
+            _, norm, _ = session.optimizer.step()
+            grad_norm = float(norm) if norm is not None else grad_norm
+        elif cfg.train.on_nan == "stop":
+            raise TrainingError(f"loss is {loss} at step {step}; stopping (set train.on_nan=skip to skip such "
+                                f"batches instead)")
+        else:
+            session.skipped += 1
+        lr = session.optimizer.param_groups[0]["lr"]
+        session.scheduler.step(increment=1)
+        return loss, grad_norm, lr
+
+    def evaluate(self, session: _Session) -> float:
+        model = session.model
+        iterators = self.data_source.valid_iterators(session.dp_rank, self.dp_size, len(model))
         if iterators is None:
             raise ConfigError("train.eval_interval is set but the data has no validation split (data.split)")
         for chunk in model:
             chunk.eval()
         with torch.no_grad():
-            losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
-                                      num_microbatches=self.config.train.eval_iters,
-                                      seq_length=self.config.data.seq_length,
-                                      micro_batch_size=self.config.train.micro_batch_size, forward_only=True)
+            losses = session.forward_backward(forward_step_func=session.forward_step, data_iterator=iterators,
+                                              model=model, num_microbatches=self.config.train.eval_iters,
+                                              seq_length=self.config.data.seq_length,
+                                              micro_batch_size=self.config.train.micro_batch_size,
+                                              forward_only=True)
         for chunk in model:
             chunk.train()
         loss_sum, count = _reduce_loss(losses).tolist()
         return loss_sum / max(count, 1.0)
 
-    def save(self, step: int, model, optimizer, scheduler) -> None:
+    def save(self, step: int, session: _Session) -> None:
         cfg = self.config
         meta = {"hf_config": self.hf, "config": config_to_dict(cfg), "megatron_core": megatron.core.__version__,
                 "parallel": config_to_dict(cfg.parallel)}
         assets = cfg.data.tokenizer or (self.load_dir / HF_ASSETS if self.load_dir else None)
-        save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler, meta, hf_assets_source=assets)
+        save_checkpoint(cfg.checkpoint.save, step, session.model, session.optimizer, session.scheduler, meta,
+                        hf_assets_source=assets)
