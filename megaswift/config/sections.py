@@ -16,6 +16,8 @@ class ModelConfig:
     overrides: dict = _help("HF config fields to override, as JSON", factory=dict)
     moe_token_dispatcher: str = _help("MoE token dispatcher: alltoall or allgather", "alltoall")
     init_std: float = _help("std of the random initialisation", 0.02)
+    layer_spec: str = _help("auto (Transformer Engine where it imports on a GPU), te, or local (megatron-core's "
+                            "own modules)", "auto")
 
 
 @dataclass

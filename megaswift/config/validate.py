@@ -11,6 +11,7 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.on_nan": ("stop", "skip"),
     "model.moe_token_dispatcher": ("alltoall", "allgather"),
+    "model.layer_spec": ("auto", "te", "local"),
 }
 
 

@@ -16,8 +16,13 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available()
 
 
-def layer_spec(config: TransformerConfig):
-    if transformer_engine_available():
+def use_transformer_engine(choice: str = "auto") -> bool:
+    """`auto`: Transformer Engine where it imports and a GPU is present; `local`: megatron-core's own modules."""
+    return choice == "te" or (choice == "auto" and transformer_engine_available())
+
+
+def layer_spec(config: TransformerConfig, choice: str = "auto"):
+    if use_transformer_engine(choice):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=bool(config.num_moe_experts),
@@ -26,10 +31,10 @@ def layer_spec(config: TransformerConfig):
                                     qk_layernorm=config.qk_layernorm, normalization=config.normalization)
 
 
-def build_model_chunks(hf: dict, config: TransformerConfig) -> list[GPTModel]:
+def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "auto") -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (a single one without VPP)."""
     vpp = config.virtual_pipeline_model_parallel_size or 1
-    spec = layer_spec(config)
+    spec = layer_spec(config, spec_choice)
     kwargs = gpt_model_kwargs(hf, config.tensor_model_parallel_size)
     chunks = []
     for stage in range(vpp):

@@ -21,7 +21,7 @@ from megaswift.checkpointing.state import load_checkpoint, save_checkpoint
 from megaswift.config import ConfigError, config_to_dict
 from megaswift.config.validate import validate_choices, validate_layout
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
-from megaswift.models.builder import build_model_chunks, transformer_engine_available
+from megaswift.models.builder import build_model_chunks, use_transformer_engine
 from megaswift.train.distributed import init_distributed, shutdown_distributed, world_from_env
 from megaswift.train.forward_step import make_forward_step
 from megaswift.train.metrics import MetricsLogger, device_peak_flops, flops_per_token
@@ -120,12 +120,18 @@ class Trainer:
         self.config, self.data_source = config, data_source
         validate_choices({"train.lr_decay_style": config.train.lr_decay_style,
                           "train.precision": config.train.precision, "train.on_nan": config.train.on_nan,
-                          "model.moe_token_dispatcher": config.model.moe_token_dispatcher})
+                          "model.moe_token_dispatcher": config.model.moe_token_dispatcher,
+                          "model.layer_spec": config.model.layer_spec})
         self.load_dir, self.weights_only = checkpoint_to_load(config)
         self.hf = read_meta(self.load_dir)["hf_config"] if self.load_dir else resolve_hf_config(config.model)
         world = world_from_env()
-        self.dp_size = validate_layout(self.hf, config.parallel, config.train, config.data, world.world_size,
-                                       transformer_engine_available())
+        te = use_transformer_engine(config.model.layer_spec)
+        self.dp_size = validate_layout(self.hf, config.parallel, config.train, config.data, world.world_size, te)
+        if te and getattr(config.data, "packing", False):
+            # Packed rows rely on a block-diagonal attention mask, which megatron-core's TE attention
+            # (causal mask type) would ignore: silently wrong. THD PackedSeqParams is not wired up yet.
+            raise ConfigError("data.packing=true is not supported with Transformer Engine attention yet; "
+                              "set model.layer_spec=local, or data.packing=false")
 
     def run(self) -> TrainResult:
         cfg = self.config
@@ -138,7 +144,7 @@ class Trainer:
     def _build(self):
         cfg = self.config
         tconfig = _model_config(self.hf, cfg)
-        model = wrap_with_ddp(build_model_chunks(self.hf, tconfig), tconfig, cfg.parallel)
+        model = wrap_with_ddp(build_model_chunks(self.hf, tconfig, cfg.model.layer_spec), tconfig, cfg.parallel)
         optimizer = build_optimizer(model, cfg.train, cfg.parallel, tconfig.params_dtype)
         scheduler = build_scheduler(optimizer, cfg.train)
         tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
