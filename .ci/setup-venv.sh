@@ -14,7 +14,7 @@ fi
 # torch first: the csrc build (--no-build-isolation) compiles against the installed torch.
 .venv/bin/python -m pip install --quiet 'torch==2.14.1' 'setuptools>=68' wheel ninja
 # The editable install compiles csrc (minutes on 2 cores); skip it when this tree's build is already installed.
-if [[ ${MEGASWIFT_REINSTALL:-0} == 1 ]] || ! .venv/bin/python -c "import megaswift._kernels_cpu, megaswift, pytest, xdist, sys; \
+if [[ ${MEGASWIFT_REINSTALL:-0} == 1 ]] || ! .venv/bin/python -c "import torch, megaswift._kernels_cpu, megaswift, pytest, xdist, sys; \
     sys.exit(0 if megaswift.__file__.startswith('$PWD/') else 1)" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet --no-build-isolation -e '.[test]'
 fi

@@ -72,7 +72,7 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
         for m in tqdm(mappings, desc="mcore2hf", unit="tensor", disable=not progress):
             _write_mapping(m, layout.tensors[m.mcore], regions[m.mcore], reader, writer, dims)
         writer.close()
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(_with_saved_dtype(hf, planned), indent=2, sort_keys=True))
         copy_hf_assets(ckpt / HF_ASSETS, tmp)
         report = {}
         if verify is not False:
@@ -82,6 +82,17 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
                                        coverage={"hf_tensors": len(planned), "mcore_tensors": len(layout.tensors)},
                                        parameter_count=sum(torch.Size(t.shape).numel() for t in planned))
     return report
+
+
+def _with_saved_dtype(hf: dict, planned: list) -> dict:
+    """config.json must name the dtype the weights are stored in: a recorded `bfloat16` over fp32 weights
+    (a CPU run of a bf16 preset) makes `from_pretrained(dtype="auto")` silently round them to bf16."""
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in planned}
+    if len(dtypes) != 1:
+        return hf
+    (name,) = dtypes
+    keys = [k for k in ("torch_dtype", "dtype") if k in hf] or ["dtype"]
+    return {**hf, **{k: name for k in keys}}
 
 
 def _write_mapping(m: TensorMapping, target: McoreTensor, region, reader: McoreCheckpointReader,
