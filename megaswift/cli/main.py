@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
+    from megaswift.cli.quiet import silence_known_noise
+    silence_known_noise()
     if args.command is None:
         parser.print_help()
         return 2
