@@ -2,19 +2,44 @@
 
 Saving is collective: every rank writes its shards into `iter_N.tmp/`; rank 0 then records the
 metadata, renames the folder into place and only then moves `latest` (see layout.py).
+
+The distributed optimizer's state is saved as `fully_reshardable` (megatron-core 0.19.2): moments and
+main params in model-parameter shapes, keyed like the weights, so a resume may change TP, PP, VPP, EP,
+CP and DP. megaswift.json records the sharding type; the load asks for the type the checkpoint was
+saved in. What is true in 0.19.2 with torch's AdamW (no Apex/TE):
+- `fully_reshardable` saves the Adam step only in the param groups, and its per-parameter load
+  (`load_parameter_state_from_fully_reshardable`) raises KeyError 'step' because the target state
+  holds a step tensor the loaded state lacks. `load_optimizer_state` therefore loads the param groups
+  first, drops the per-parameter steps, loads the parameter state, and gives each parameter its step
+  back from the param groups (restore_adam_steps).
+- `fully_sharded_model_space` (megatron's default) cannot work: it builds ShardedTensors with
+  `flattened_range`, which 0.19 rejects ("ShardedTensor.flattened_range is not supported").
+- `dp_reshardable` (what megaswift wrote before; a checkpoint without a recorded type is one) depends
+  on the flat buffer layout, so it reshards over DP only. Loading one at another TP/PP/VPP/EP/CP is
+  refused before any tensor is read (`check_reshardable`); resume at the saved layout and save again.
+- MoE: expert parameters get an optimizer of their own only at EP > 1, so EP 1 <-> EP > 1 changes the
+  number of chained optimizers, which megatron-core cannot map; refused before loading
+  (`check_optimizer_parts`). EP changes on one side of 1, TP, PP, VPP and DP changes reshard.
 """
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, iteration_dir, read_meta,
                                             write_latest, write_meta)
 
-DIST_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+SHARDING_TYPE_KEY = "distrib_optim_sharding_type"
+RESHARDABLE_TYPE = "fully_reshardable"
+SAVED_SHARDING_TYPE = RESHARDABLE_TYPE  # what save_checkpoint writes, read at call time
+LEGACY_SHARDING_TYPE = "dp_reshardable"  # checkpoints that record no type were written with it
+OPTIMIZER_PARTS_KEY = "distrib_optim_parts"  # how many chained optimizers (dense; dense + expert)
+# Parallel sizes that change the distributed optimizer's flat buffers (DP does not).
+MODEL_LAYOUT_KEYS = ("tensor", "pipeline", "virtual_pipeline", "context", "expert")
 
 
 def model_state_keys(chunks: list) -> list[str]:
@@ -25,14 +50,23 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def sharded_training_state(chunks: list, optimizer=None, is_loading: bool = False) -> dict:
+def _inner_optimizers(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    return any(isinstance(inner, DistributedOptimizer) for inner in _inner_optimizers(optimizer))
+
+
+def sharded_training_state(chunks: list, optimizer=None, is_loading: bool = False,
+                           sharding_type: str = RESHARDABLE_TYPE) -> dict:
     state = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
     if optimizer is not None:
         model_state = {}
         for key in model_state_keys(chunks):
             model_state.update(state[key])
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                          metadata=DIST_OPTIMIZER_FORMAT)
+                                                          metadata={SHARDING_TYPE_KEY: sharding_type})
     return state
 
 
@@ -51,7 +85,7 @@ def save_checkpoint(root: str | Path, iteration: int, chunks: list, optimizer, s
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state = sharded_training_state(chunks, optimizer)
+    state = sharded_training_state(chunks, optimizer, sharding_type=SAVED_SHARDING_TYPE)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
@@ -59,7 +93,9 @@ def save_checkpoint(root: str | Path, iteration: int, chunks: list, optimizer, s
     _barrier()
     if rank == 0:
         contents = [*model_state_keys(chunks)] + (["optimizer", "scheduler"] if optimizer is not None else [])
-        write_meta(tmp, {**meta, "iteration": iteration, "contents": contents})
+        sharding = {SHARDING_TYPE_KEY: SAVED_SHARDING_TYPE, OPTIMIZER_PARTS_KEY: len(_inner_optimizers(optimizer))} \
+            if is_distributed_optimizer(optimizer) else {}
+        write_meta(tmp, {**meta, **sharding, "iteration": iteration, "contents": contents})
         copy_hf_assets(hf_assets_source, tmp / HF_ASSETS)
         if final.exists():
             shutil.rmtree(final)
@@ -75,7 +111,7 @@ def restore_adam_steps(optimizer) -> None:
     advances it once per parameter), and its per-parameter state load then writes back the placeholder
     steps it was primed with. Either way resumed training silently diverges. The true step is in the
     param groups: give every parameter its own tensor holding it."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         torch_optimizer = getattr(inner, "optimizer", None)
         if torch_optimizer is None:
             continue
@@ -92,7 +128,7 @@ def prime_optimizer_state(optimizer) -> None:
     """torch's AdamW creates its state (moments and a per-parameter `step`) on the first step, but megatron's
     distributed optimizer reads that state while building the state dict to load into, and asserts that it
     holds exactly one step value (`assert len(steps) == 1`). Create it empty, one step tensor per parameter."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         torch_optimizer = getattr(inner, "optimizer", None)
         if torch_optimizer is None:
             continue
@@ -100,6 +136,68 @@ def prime_optimizer_state(optimizer) -> None:
         for group in torch_optimizer.param_groups:
             for param in group["params"]:
                 torch_optimizer.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def current_model_layout(chunks: list) -> dict:
+    """This run's parallel sizes, named as in ParallelConfig (and in megaswift.json's "parallel")."""
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline": len(chunks) if len(chunks) > 1 else None,
+            "context": parallel_state.get_context_parallel_world_size(),
+            "expert": parallel_state.get_expert_model_parallel_world_size()}
+
+
+def check_reshardable(ckpt_dir: Path, meta: dict, sharding_type: str, layout: dict) -> None:
+    """A dp_reshardable optimizer state loads only at the TP/PP/VPP/CP/EP it was saved at: say so up front,
+    instead of megatron-core's global-shape mismatch deep inside the load."""
+    saved_with = meta.get("parallel") or {}
+    if sharding_type != LEGACY_SHARDING_TYPE or not saved_with.get("distributed_optimizer"):
+        return
+    saved = {key: saved_with.get(key) for key in MODEL_LAYOUT_KEYS}
+    if all(saved[key] == layout[key] or {saved[key], layout[key]} <= {None, 1} for key in MODEL_LAYOUT_KEYS):
+        return
+
+    def show(sizes):
+        return ", ".join(f"parallel.{key}={sizes[key]}" for key in MODEL_LAYOUT_KEYS)
+    raise CheckpointError(
+        f"{ckpt_dir} holds distributed-optimizer state in the {LEGACY_SHARDING_TYPE} format, which loads only at "
+        f"the model-parallel layout it was saved at ({show(saved)}); this run asks for {show(layout)}. Resume it "
+        f"once at the saved layout and save again (megaswift now saves {RESHARDABLE_TYPE}, which reshards), "
+        f"or load only its weights with checkpoint.finetune=true")
+
+
+def check_optimizer_parts(ckpt_dir: Path, meta: dict, optimizer) -> None:
+    """megatron-core keeps expert parameters in an optimizer of their own only where they use expert process
+    groups (parallel.expert > 1): going between EP=1 and EP>1 changes the chained optimizers' structure,
+    which 0.19.2 cannot map (KeyError on the `chained_N.` keys). Refuse that before reading tensors."""
+    saved, wanted = meta.get(OPTIMIZER_PARTS_KEY), len(_inner_optimizers(optimizer))
+    if saved is None or saved == wanted:
+        return
+    saved_expert = (meta.get("parallel") or {}).get("expert")
+    raise CheckpointError(
+        f"{ckpt_dir} holds distributed-optimizer state in {saved} part(s) (dense, and expert parameters apart "
+        f"when parallel.expert > 1; saved at parallel.expert={saved_expert}) but this run builds {wanted}: "
+        f"megatron-core cannot map one onto the other. Resume with parallel.expert > 1 if it was saved so, "
+        f"or 1 if not (any value on the same side works), or load only its weights with checkpoint.finetune=true")
+
+
+def load_optimizer_state(optimizer, loaded: dict, sharding_type: str) -> None:
+    """Loads what dist_checkpointing read into `optimizer`, working around the fully_reshardable step
+    KeyError of torch's AdamW (module docstring): param groups (with the step) first, then each distributed
+    optimizer's parameter state without per-parameter steps, then one step tensor per parameter."""
+    inners = _inner_optimizers(optimizer)
+    parts = [loaded] if len(inners) == 1 else [loaded[index] for index in sorted(loaded)]
+    param_states = [part.pop("param_state", None) if sharding_type == RESHARDABLE_TYPE else None
+                    for part in parts]
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded)
+        for inner, param_state in zip(inners, param_states):
+            if param_state is None:
+                continue
+            for state in inner.optimizer.state.values():
+                state.pop("step", None)
+            inner.load_parameter_state_from_fully_reshardable(param_state)
+    restore_adam_steps(optimizer)
 
 
 def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, scheduler=None) -> int:
@@ -112,18 +210,20 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
                               f"load it with checkpoint.finetune=true to start training from its weights")
     if not saved_chunks:
         raise CheckpointError(f"{ckpt_dir}/megaswift.json lists no model state in 'contents'")
+    sharding_type = meta.get(SHARDING_TYPE_KEY, LEGACY_SHARDING_TYPE)
+    if optimizer is not None and is_distributed_optimizer(optimizer):
+        check_reshardable(ckpt_dir, meta, sharding_type, current_model_layout(chunks))
+        check_optimizer_parts(ckpt_dir, meta, optimizer)
     if optimizer is not None:
         prime_optimizer_state(optimizer)
-    state = sharded_training_state(chunks, optimizer, is_loading=True)
+    state = sharded_training_state(chunks, optimizer, is_loading=True, sharding_type=sharding_type)
     # Virtual-pipeline chunks hold layer subsets; on disk every layer has a global key, so any chunking loads.
     # Unexpected keys are fine (a weights-only load skips the optimizer's); a missing key fails the load.
     loaded = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     for key, chunk in zip(model_state_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        with torch.no_grad():
-            optimizer.load_state_dict(loaded["optimizer"])
-        restore_adam_steps(optimizer)
+        load_optimizer_state(optimizer, loaded["optimizer"], sharding_type)
         if scheduler is not None:
             scheduler.load_state_dict(dist_checkpointing.load_common_state_dict(str(ckpt_dir))["scheduler"])
     return int(meta["iteration"])

@@ -21,11 +21,16 @@ def pt_flags(demo_data, out: Path, **settings) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
-def run_pt(flags: list[str], nproc: int = 1, timeout: float = 240, check: bool = True):
+PT_COMMAND = ("-m", "megaswift", "pt")
+
+
+def run_pt(flags: list[str], nproc: int = 1, timeout: float = 240, check: bool = True,
+           command: tuple[str, ...] = PT_COMMAND):
+    """`command` is what follows `python`: `-m megaswift pt`, or a script that takes the same flags."""
     if nproc > 1:
-        return run_torchrun(["-m", "megaswift", "pt", *flags], nproc=nproc, timeout=timeout)
+        return run_torchrun([*command, *flags], nproc=nproc, timeout=timeout)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-m", "megaswift", "pt", *flags], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *command, *flags], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"megaswift pt failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
