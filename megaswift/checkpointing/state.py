@@ -166,6 +166,19 @@ def check_reshardable(ckpt_dir: Path, meta: dict, sharding_type: str, layout: di
         f"or load only its weights with checkpoint.finetune=true")
 
 
+def check_same_optimizer_kind(ckpt_dir: Path, meta: dict, optimizer) -> None:
+    """The distributed and the plain optimizer save different state layouts; megatron-core fails deep in the
+    load (or worse) when one is asked to read the other's, so name the mismatch up front."""
+    saved = bool((meta.get("parallel") or {}).get("distributed_optimizer"))
+    wanted = is_distributed_optimizer(optimizer)
+    if saved != wanted:
+        raise CheckpointError(
+            f"{ckpt_dir} was saved with parallel.distributed_optimizer={str(saved).lower()}, but this run uses "
+            f"parallel.distributed_optimizer={str(wanted).lower()}: their optimizer states differ in layout. Resume "
+            f"with parallel.distributed_optimizer={str(saved).lower()}, or load only the weights with "
+            f"checkpoint.finetune=true")
+
+
 def check_optimizer_parts(ckpt_dir: Path, meta: dict, optimizer) -> None:
     """megatron-core keeps expert parameters in an optimizer of their own only where they use expert process
     groups (parallel.expert > 1): going between EP=1 and EP>1 changes the chained optimizers' structure,
@@ -211,6 +224,8 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
     if not saved_chunks:
         raise CheckpointError(f"{ckpt_dir}/megaswift.json lists no model state in 'contents'")
     sharding_type = meta.get(SHARDING_TYPE_KEY, LEGACY_SHARDING_TYPE)
+    if optimizer is not None:
+        check_same_optimizer_kind(ckpt_dir, meta, optimizer)
     if optimizer is not None and is_distributed_optimizer(optimizer):
         check_reshardable(ckpt_dir, meta, sharding_type, current_model_layout(chunks))
         check_optimizer_parts(ckpt_dir, meta, optimizer)

@@ -94,3 +94,15 @@ def test_nan_loss_skip_counts_skipped_batches(demo_data, tmp_path):
         non_finite += not math.isfinite(record["loss"])
         assert record["skipped_batches"] == non_finite
     assert non_finite >= 1
+
+
+def test_switching_optimizer_kind_on_resume_is_a_clear_error(demo_data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_pt(pt_flags(demo_data, tmp_path / "first", train__train_iters=2, train__exit_after_iters=1,
+                    checkpoint__save=ckpt))
+    proc = run_pt(["--checkpoint.save", str(ckpt), "--logging.output_dir", str(tmp_path / "second"),
+                   "--parallel.distributed_optimizer", "true"], check=False)
+    assert proc.returncode == 2
+    assert "saved with parallel.distributed_optimizer=false, but this run uses parallel.distributed_optimizer=true" \
+        in proc.stderr
+    assert read_latest(ckpt) == 1  # nothing was overwritten
