@@ -50,17 +50,26 @@ def test_sigterm_finishes_step_saves_and_exits_zero(demo_data, tmp_path):
     assert last < 10_000
 
 
+def _kill_during_a_save(demo_data, tmp_path, ckpt, attempts: int = 5) -> list:
+    """SIGKILL the run while a checkpoint folder is still temporary; returns those folders. A kill can land
+    just after the rename, so try again (the next run resumes from `latest`) until one lands mid-save."""
+    for attempt in range(attempts):
+        proc = _start_pt(pt_flags(demo_data, tmp_path / f"run{attempt}", train__train_iters=10_000,
+                                  checkpoint__save=ckpt, checkpoint__save_interval=1))
+        _wait_for(lambda: (ckpt / "latest").exists(), proc)
+        known = {p.name for p in ckpt.iterdir()}
+        _wait_for(lambda: any(p.name.endswith(".tmp") and p.name not in known for p in ckpt.iterdir()), proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        in_progress = [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]
+        if in_progress:
+            return in_progress
+    raise AssertionError(f"no kill landed during a save in {attempts} attempts")
+
+
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = _start_pt(pt_flags(demo_data, tmp_path, train__train_iters=10_000, checkpoint__save=ckpt,
-                              checkpoint__save_interval=1))
-    _wait_for(lambda: read_latest(ckpt) if (ckpt / "latest").exists() else False, proc)
-    # Wait for a save in progress (its temporary folder) after at least one complete checkpoint, then kill.
-    _wait_for(lambda: any(p.name.endswith(".tmp") for p in ckpt.iterdir()), proc)
-    proc.kill()
-    proc.wait(timeout=30)
-    in_progress = [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]
-    assert in_progress, "the kill was meant to land during a save"
+    in_progress = _kill_during_a_save(demo_data, tmp_path, ckpt)
     latest = read_latest(ckpt)
     assert f"iter_{latest:07d}.tmp" not in {p.name for p in in_progress}
     # Resuming from the folder continues from the last complete checkpoint.
