@@ -5,6 +5,7 @@
     OUT/iter_0000000/megaswift.json, hf_assets/   HF config, tokenizer and generation config
     OUT/verification.json        coverage + logit check results (with --verify)
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def _check_shapes(mappings, layout, reader: HfCheckpointReader, dims, config_fil
                                       f"but {config_file} implies {list(shape)}")
 
 
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def _fingerprint(reader: HfCheckpointReader, key: str) -> str:
+    """sha256 of a tensor's bytes, reading one tensor at a time (a peek: it does not count as consuming)."""
+    tensor = reader.read(key)
+    reader.reads[key] -= 1
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def redundant_tied_head(hf: dict, reader: HfCheckpointReader, where: str) -> set[str]:
+    """Many saves of tied models also store lm_head.weight, a copy of the embedding. It is accepted (and counted
+    as consumed) only when bit-identical to the embedding, so it carries nothing the conversion would drop."""
+    if not hf.get("tie_word_embeddings") or TIED_HEAD not in reader.file_of or TIED_EMBEDDING not in reader.file_of:
+        return set()
+    if _fingerprint(reader, TIED_HEAD) != _fingerprint(reader, TIED_EMBEDDING):
+        raise ConversionError(f"{where}: config.json says tie_word_embeddings=true, but {TIED_HEAD} (in "
+                              f"{reader.file_of[TIED_HEAD]}) differs from {TIED_EMBEDDING}: the weights contradict "
+                              f"the config")
+    reader.reads[TIED_HEAD] += 1
+    return {TIED_HEAD}
+
+
 def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, verify: bool | None = None,
              overwrite: bool = False, progress: bool = True) -> dict:
     """Returns the verification report ({} with verify=False). verify=None: verify when it fits in memory."""
@@ -53,7 +77,9 @@ def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, 
     layout = mcore_layout(hf)
     dims = dims_of(hf)
     check_mapping_matches_layout(mappings, layout, where=hf["architectures"][0])
-    check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys()}, where=str(hf_dir))
+    redundant = redundant_tied_head(hf, reader, where=str(hf_dir))
+    check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys() if k not in redundant},
+                  where=str(hf_dir))
     _check_shapes(mappings, layout, reader, dims, hf_dir / "config.json")
     by_name = {m.mcore: m for m in mappings}
     dtypes = {m.mcore: DTYPES[dtype] if dtype else tensor_dtype(reader, m.hf[0]) for m in mappings}
@@ -69,7 +95,7 @@ def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, 
         ckpt = iteration_dir(tmp, 0)
         write_mcore_checkpoint(ckpt, layout, dtypes, produce)
         bar.close()
-        check_consumed_once(reader.reads, {k for m in mappings for k in m.hf}, where=str(hf_dir))
+        check_consumed_once(reader.reads, {k for m in mappings for k in m.hf} | redundant, where=str(hf_dir))
         reader.close()
         write_meta(ckpt, {"iteration": 0, "hf_config": hf, "contents": ["model"],
                           "config": {"model": {"hf_config": None, "preset": None, "overrides": {}}}})
