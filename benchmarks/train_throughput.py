@@ -53,7 +53,7 @@ def run_baseline(config: dict) -> list[float]:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megaswift.config import ParallelConfig
-    from megaswift.data.pretrain import MicroBatches, PretrainData, token_ids_from_tokenizer
+    from megaswift.data.pretrain import PretrainData, token_ids_from_tokenizer
     from megaswift.config import DataConfig
     from megaswift.models import gpt_model_kwargs, hf_to_transformer_config, preset_hf_config
     from megaswift.train.distributed import init_distributed, shutdown_distributed

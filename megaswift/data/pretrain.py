@@ -1,19 +1,14 @@
 """Pre-training data: megatron-core's blended GPT datasets over indexed (.bin/.idx) files, cut into
-micro-batches per data-parallel rank.
-
-Sample order depends only on the seed and the number of samples already consumed, never on the
-parallel layout: step s always trains on samples [s*G, (s+1)*G) of the shuffled dataset (G = global
-batch), and data-parallel rank r takes the r-th micro-batch slice of each group of `micro x dp`.
-That is what makes resumed and re-laid-out runs reproduce the same losses.
-"""
+micro-batches per data-parallel rank (see micro_batches.py for the sample order, which makes resumes and
+layout changes reproducible)."""
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megaswift.config import ConfigError, DataConfig
+from megaswift.data.micro_batches import SplitIterators
 
 
 @dataclass(frozen=True)
@@ -75,25 +70,7 @@ def build_gpt_datasets(data: DataConfig, tokens: TokenIds, seed: int, num_sample
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
 
 
-class MicroBatches:
-    """Yields this rank's micro-batches for consecutive global batches starting at `consumed_samples`."""
-
-    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
-        self.dataset, self.micro, self.dp_rank, self.dp_size = dataset, micro_batch_size, dp_rank, dp_size
-        self.next_index = consumed_samples
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        start = self.next_index + self.dp_rank * self.micro
-        self.next_index += self.micro * self.dp_size
-        samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.micro)]
-        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]
-                if key != "attention_mask" or samples[0][key] is not None}
-
-
-class PretrainData:
+class PretrainData(SplitIterators):
     """The `DataSource` of `megaswift pt`: indexed datasets, built once on first use."""
 
     def __init__(self, data: DataConfig, tokens: TokenIds, seed: int, micro_batch_size: int,
@@ -102,18 +79,7 @@ class PretrainData:
         self.sizes = (train_samples, valid_samples, 0)
         self._datasets = None
 
-    def _build(self):
+    def _splits(self):
         if self._datasets is None:
             self._datasets = build_gpt_datasets(self.data, self.tokens, self.seed, self.sizes)
         return self._datasets
-
-    def train_iterators(self, consumed_samples: int, dp_rank: int, dp_size: int, count: int) -> list:
-        train = self._build()[0]
-        # One iterator per virtual-pipeline chunk: the first chunk reads tokens, the last one labels.
-        return [MicroBatches(train, self.micro, dp_rank, dp_size, consumed_samples) for _ in range(count)]
-
-    def valid_iterators(self, dp_rank: int, dp_size: int, count: int) -> list | None:
-        valid = self._build()[1]
-        if valid is None or len(valid) == 0:
-            return None
-        return [MicroBatches(valid, self.micro, dp_rank, dp_size, 0) for _ in range(count)]

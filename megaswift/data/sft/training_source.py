@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megaswift.config import SFTDataConfig
-from megaswift.data.pretrain import MicroBatches
+from megaswift.data.micro_batches import SplitIterators
 from megaswift.data.sft.packing import PackedSFTDataset, block_diagonal_causal_mask, collate_padded
 from megaswift.data.sft.preprocess import SFTDataSettings, preprocess_sft
 from megaswift.data.sft.template import IGNORE_INDEX
@@ -56,10 +56,10 @@ class TrainingRows(torch.utils.data.Dataset):
                                                           if "attention_mask" in batch else {})}
 
 
-class SFTData:
+class SFTData(SplitIterators):
     def __init__(self, data: SFTDataConfig, tokenizer, seed: int, micro_batch_size: int):
         self.data, self.tokenizer, self.seed, self.micro = data, tokenizer, seed, micro_batch_size
-        self._splits = None
+        self._built = None
         self.stats: dict = {}
 
     def _preprocess(self):
@@ -77,8 +77,8 @@ class SFTData:
             dist.barrier()
         return result
 
-    def _build(self):
-        if self._splits is None:
+    def _splits(self):
+        if self._built is None:
             result = self._preprocess()
             self.stats = result.stats
             samples = result.dataset
@@ -87,15 +87,5 @@ class SFTData:
             make = lambda part: TrainingRows(part, self.data.seq_length, pad_id, self.data.packing, self.seed)
             train = make(samples.select(range(n_valid, len(samples))))
             valid = make(samples.select(range(n_valid))) if n_valid else None
-            self._splits = (train, valid)
-        return self._splits
-
-    def train_iterators(self, consumed_samples: int, dp_rank: int, dp_size: int, count: int) -> list:
-        train = self._build()[0]
-        return [MicroBatches(train, self.micro, dp_rank, dp_size, consumed_samples) for _ in range(count)]
-
-    def valid_iterators(self, dp_rank: int, dp_size: int, count: int) -> list | None:
-        valid = self._build()[1]
-        if valid is None:
-            return None
-        return [MicroBatches(valid, self.micro, dp_rank, dp_size, 0) for _ in range(count)]
+            self._built = (train, valid)
+        return self._built
