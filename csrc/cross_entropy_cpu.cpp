@@ -209,10 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cpu(
 at::Tensor& cross_entropy_backward_cpu_(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                         const at::Tensor& scale, int64_t vocab_start, int64_t ignore_index,
                                         at::Tensor& out) {
-  check_cross_entropy_args(logits, labels);
-  check_row_vector(lse, logits, "lse");
-  check_row_vector(scale, logits, "scale");
-  check_backward_out(out, logits);
+  check_backward_args(logits, labels, lse, scale, out);
   const int64_t tokens = logits.size(0), vocab = logits.size(1);
   const int64_t* lab = labels.data_ptr<int64_t>();
   const float *l = lse.data_ptr<float>(), *s = scale.data_ptr<float>();

@@ -199,10 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cuda(
 at::Tensor& cross_entropy_backward_cuda_(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                          const at::Tensor& scale, int64_t vocab_start, int64_t ignore_index,
                                          at::Tensor& out) {
-  check_cross_entropy_args(logits, labels);
-  check_row_vector(lse, logits, "lse");
-  check_row_vector(scale, logits, "scale");
-  check_backward_out(out, logits);
+  check_backward_args(logits, labels, lse, scale, out);
   TORCH_CHECK_VALUE(logits.size(0) < (int64_t{1} << 31), "at most 2^31 - 1 tokens per call, found ", logits.size(0));
   c10::cuda::CUDAGuard guard(logits.device());
   if (logits.size(0) == 0) return out;

@@ -48,4 +48,13 @@ inline void check_backward_out(const at::Tensor& out, const at::Tensor& logits) 
                     " on ", logits.device(), ", found ", out.scalar_type(), " ", out.sizes());
 }
 
+// Everything the backward ops (CPU and CUDA) check before touching memory.
+inline void check_backward_args(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                const at::Tensor& scale, const at::Tensor& out) {
+  check_cross_entropy_args(logits, labels);
+  check_row_vector(lse, logits, "lse");
+  check_row_vector(scale, logits, "scale");
+  check_backward_out(out, logits);
+}
+
 }  // namespace megaswift

@@ -142,6 +142,7 @@ class Trainer:
             shutdown_distributed()
 
     def _build(self):
+        """Model chunks wrapped in DDP, optimizer and schedule, with megatron-core's schedule hooks set."""
         cfg = self.config
         tconfig = _model_config(self.hf, cfg)
         model = wrap_with_ddp(build_model_chunks(self.hf, tconfig, cfg.model.layer_spec), tconfig, cfg.parallel)
@@ -150,7 +151,7 @@ class Trainer:
         tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         tconfig.finalize_model_grads_func = finalize_model_grads
         tconfig.grad_scale_func = optimizer.scale_loss
-        return tconfig, model, optimizer, scheduler
+        return model, optimizer, scheduler
 
     def _run(self, world) -> TrainResult:
         cfg = self.config
@@ -190,7 +191,7 @@ class Trainer:
 
     def _start_session(self) -> _Session:
         cfg = self.config
-        _, model, optimizer, scheduler = self._build()
+        model, optimizer, scheduler = self._build()
         start = 0
         if self.load_dir is not None:
             if self.weights_only:
