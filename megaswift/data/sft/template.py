@@ -46,12 +46,16 @@ class EncodedSample:
 
 
 def _token_max(char_weights: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per token, the largest weight among the characters it covers (its first one if it covers none)."""
+    """Per token, the largest weight among the characters [start, end) it covers (the character at its
+    start if it covers none: special tokens). Vectorised over tokens, looping over the longest token's
+    width (a few characters), since byte-level offsets overlap and rule out a single reduceat."""
     padded = np.append(char_weights, np.float32(0))
-    bounds = offsets.reshape(-1)  # s0, e0, s1, e1, ...: reduceat over [s_k, e_k) at even positions
-    if bounds.size and np.all(np.diff(bounds) >= 0):
-        return np.maximum.reduceat(padded, bounds)[0::2]
-    return np.array([padded[s:max(e, s + 1)].max() for s, e in offsets], dtype=np.float32)
+    starts = offsets[:, 0]
+    last = np.maximum(offsets[:, 1], starts + 1) - 1  # the last character each token covers
+    result = padded[starts]
+    for step in range(1, int((last - starts).max(initial=0)) + 1):
+        np.maximum(result, padded[np.minimum(starts + step, last)], out=result)
+    return result
 
 
 class SFTTemplate:

@@ -1,6 +1,7 @@
 """Labels cover exactly the assistant text (+ end-of-turn token) of the right turns; shift and length rules."""
 import json
 
+import numpy as np
 import pytest
 
 from megaswift.data.sft.template import IGNORE_INDEX, SFTTemplate, TemplateError
@@ -102,3 +103,18 @@ def test_invalid_settings_are_refused(tokenizer):
         SFTTemplate(tokenizer, "assistant_only")
     with pytest.raises(ValueError, match="over_length: expected one of"):
         SFTTemplate(tokenizer, over_length="wrap")
+
+
+def test_token_weight_is_the_max_over_the_characters_each_token_covers():
+    from megaswift.data.sft.template import _token_max
+
+    rng = np.random.default_rng(0)
+    text_length = 200
+    char_w = rng.choice([0.0, 1.0, 2.0, 3.0], size=text_length).astype(np.float32)
+    starts = np.sort(rng.integers(0, text_length, size=120))
+    widths = rng.integers(0, 6, size=120)  # 0: a special token covering no characters
+    ends = np.minimum(starts + widths, text_length)
+    offsets = np.stack([starts, ends], axis=1)  # overlapping spans, as byte-level BPE gives
+    expected = [char_w[s:e].max() if e > s else char_w[s] for s, e in offsets]
+    np.testing.assert_array_equal(_token_max(char_w, offsets), np.array(expected, dtype=np.float32))
+    assert _token_max(char_w, np.zeros((0, 2), dtype=np.int64)).shape == (0,)
