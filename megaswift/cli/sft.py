@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_dir = _tokenizer_dir(config, trainer.load_dir)
         config.data.tokenizer = tokenizer_dir  # recorded in the checkpoint and copied into its hf_assets
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        trainer.data_source = SFTData(config.data, tokenizer, config.train.seed, config.train.micro_batch_size)
+        trainer.data_source = SFTData(config.data, tokenizer, config.train.seed, config.train.micro_batch_size,
+                                      trainer.packed_attention or "mask")
         result = trainer.run()
     except (ConfigError, CheckpointError, TrainingError, SampleFormatError, ValueError) as e:
         print(f"megaswift sft: error: {e}", file=sys.stderr)

@@ -86,3 +86,27 @@ def validate_layout(hf: dict, parallel: ParallelConfig, train: TrainConfig, data
            f"data.seq_length={data.seq_length} exceeds the model's sliding_window={window}, which megatron-core's "
            f"local attention does not implement")
     return dp
+
+
+def packed_attention(packing: bool, transformer_engine: bool, precision: str, parallel: ParallelConfig) -> str | None:
+    """How packed rows keep attention inside each sample, or None without packing:
+    "mask" for megatron-core's local attention (a block-diagonal causal mask), "thd" for Transformer
+    Engine (megatron-core PackedSeqParams, qkv_format="thd"). `precision` is the resolved one:
+    bf16, fp16 or fp32."""
+    if not packing:
+        return None
+    if not transformer_engine:
+        return "mask"
+    # TE runs THD attention only in its flash / cuDNN fused backends (fp16 / bf16); its unfused fp32
+    # backend refuses qkv_format="thd", and there is no fp32 path for a mask either.
+    _check(precision in ("bf16", "fp16"),
+           f"data.packing=true with Transformer Engine attention (THD) needs bf16 or fp16 attention; found "
+           f"train.precision resolving to {precision}; set train.precision=bf16, or model.layer_spec=local "
+           f"(packing with a block-diagonal mask, any precision), or data.packing=false")
+    # Context parallelism over THD needs each sample split across CP ranks (TE's partitioned indices and
+    # cu_seqlens_*_padded, every sample padded to a multiple of 2 x CP); that is not wired up.
+    _check(parallel.context == 1,
+           f"data.packing=true with parallel.context={parallel.context} is not supported (THD packed "
+           f"sequences are not split across context-parallel ranks); set parallel.context=1, or "
+           f"data.packing=false")
+    return "thd"

@@ -5,10 +5,27 @@ losses and the number of label tokens; the schedule and `finalize_model_grads` d
 count over all micro-batches and data-parallel ranks, so the result is exactly
 sum(w * ce) / (label tokens) whatever the layout.
 """
+import dataclasses
 from functools import partial
 
 import torch
 from megatron.core import parallel_state
+
+
+def batch_to_device(batch: dict) -> dict:
+    """The micro-batch's tensors on the current CUDA device (PackedSeqParams' cu_seqlens included: TE's
+    THD attention reads them on the GPU); unchanged without CUDA."""
+    if not torch.cuda.is_available():
+        return batch
+    device = torch.cuda.current_device()
+    move = lambda value: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+    moved = {key: move(value) for key, value in batch.items()}
+    params = moved.get("packed_seq_params")
+    if params is not None:
+        moved["packed_seq_params"] = dataclasses.replace(params, **{
+            f.name: move(getattr(params, f.name)) for f in dataclasses.fields(params)
+            if isinstance(getattr(params, f.name), torch.Tensor)})
+    return moved
 
 
 def _token_weights(batch: dict) -> torch.Tensor:
@@ -35,7 +52,7 @@ def loss_func(batch: dict, use_fused_loss: bool, output: torch.Tensor):
 
 def make_forward_step(use_fused_loss: bool = False):
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = batch_to_device(next(data_iterator))
         kwargs = {"labels": None if use_fused_loss else batch["labels"]}
         if "packed_seq_params" in batch:
             kwargs["packed_seq_params"] = batch["packed_seq_params"]

@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megaswift.checkpointing.layout import HF_ASSETS, read_latest, read_meta, resolve_checkpoint
 from megaswift.checkpointing.state import load_checkpoint, save_checkpoint
 from megaswift.config import ConfigError, config_to_dict
-from megaswift.config.validate import validate_choices, validate_layout
+from megaswift.config.validate import packed_attention, validate_choices, validate_layout
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
 from megaswift.models.builder import build_model_chunks, use_transformer_engine
 from megaswift.train.distributed import init_distributed, shutdown_distributed, world_from_env
@@ -83,6 +83,9 @@ def resolve_precision(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
 def checkpoint_to_load(config) -> tuple[Path | None, bool]:
     """(folder, weights_only). An explicit checkpoint.load wins; else resume from checkpoint.save's latest."""
     ck = config.checkpoint
@@ -127,11 +130,16 @@ class Trainer:
         world = world_from_env()
         te = use_transformer_engine(config.model.layer_spec)
         self.dp_size = validate_layout(self.hf, config.parallel, config.train, config.data, world.world_size, te)
-        if te and getattr(config.data, "packing", False):
-            # Packed rows rely on a block-diagonal attention mask, which megatron-core's TE attention
-            # (causal mask type) would ignore: silently wrong. THD PackedSeqParams is not wired up yet.
-            raise ConfigError("data.packing=true is not supported with Transformer Engine attention yet; "
-                              "set model.layer_spec=local, or data.packing=false")
+        # TE attention ignores a block-diagonal mask (causal mask type): packed rows go THD there.
+        self.packed_attention = packed_attention(getattr(config.data, "packing", False), te,
+                                                 PRECISION_NAMES[resolve_precision(config.train.precision)],
+                                                 config.parallel)
+
+    def micro_batch_shape(self) -> tuple[int, int]:
+        """(seq_length, micro_batch_size) as the schedules see them (pipeline stages exchange activations
+        of this shape): a THD micro-batch is one sequence of micro_batch_size x seq_length tokens."""
+        seq, micro = self.config.data.seq_length, self.config.train.micro_batch_size
+        return (seq * micro, 1) if self.packed_attention == "thd" else (seq, micro)
 
     def run(self) -> TrainResult:
         cfg = self.config
@@ -210,10 +218,11 @@ class Trainer:
         for chunk in session.model:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
+        seq_length, micro_batch_size = self.micro_batch_shape()
         losses = session.forward_backward(
             forward_step_func=session.forward_step, data_iterator=session.iterators, model=session.model,
             num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size),
-            seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
         loss_sum, count = _reduce_loss(losses).tolist()
         loss = loss_sum / max(count, 1.0)
         grad_norm = float("nan")
@@ -236,11 +245,11 @@ class Trainer:
             raise ConfigError("train.eval_interval is set but the data has no validation split (data.split)")
         for chunk in model:
             chunk.eval()
+        seq_length, micro_batch_size = self.micro_batch_shape()
         with torch.no_grad():
             losses = session.forward_backward(forward_step_func=session.forward_step, data_iterator=iterators,
                                               model=model, num_microbatches=self.config.train.eval_iters,
-                                              seq_length=self.config.data.seq_length,
-                                              micro_batch_size=self.config.train.micro_batch_size,
+                                              seq_length=seq_length, micro_batch_size=micro_batch_size,
                                               forward_only=True)
         for chunk in model:
             chunk.train()

@@ -2,7 +2,7 @@
 import pytest
 
 from megaswift.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
-from megaswift.config.validate import validate_choices, validate_layout
+from megaswift.config.validate import packed_attention, validate_choices, validate_layout
 from megaswift.models import preset_hf_config
 
 LLAMA = preset_hf_config("tiny-llama")      # 4 heads, 2 kv heads, 4 layers
@@ -43,3 +43,26 @@ def test_invalid_layouts(kwargs, message):
 def test_choices():
     with pytest.raises(ConfigError, match=r"train.on_nan='ignore' is not allowed; choose one of \['stop', 'skip'\]"):
         validate_choices({"train.on_nan": "ignore"})
+
+
+@pytest.mark.parametrize("packing, te, precision, context, expected", [
+    (False, True, "fp32", 1, None),
+    (False, False, "bf16", 1, None),
+    (True, False, "fp32", 1, "mask"),
+    (True, False, "bf16", 1, "mask"),
+    (True, True, "bf16", 1, "thd"),
+    (True, True, "fp16", 1, "thd"),
+])
+def test_packed_attention_follows_the_attention_backend(packing, te, precision, context, expected):
+    assert packed_attention(packing, te, precision, ParallelConfig(context=context)) == expected
+
+
+@pytest.mark.parametrize("precision, context, message", [
+    ("fp32", 1, r"data.packing=true with Transformer Engine attention \(THD\) needs bf16 or fp16 attention; "
+                r"found train.precision resolving to fp32; set train.precision=bf16, or model.layer_spec=local"),
+    ("bf16", 2, r"data.packing=true with parallel.context=2 is not supported .*set parallel.context=1, or "
+                r"data.packing=false"),
+])
+def test_packing_with_transformer_engine_refuses_what_is_not_wired(precision, context, message):
+    with pytest.raises(ConfigError, match=message):
+        packed_attention(True, True, precision, ParallelConfig(context=context))

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for csrc (needs one CUDA GPU; about 3-5 minutes on an H200, 8 at most):
+# GPU check for csrc and the Transformer Engine paths (needs one CUDA GPU; about 4-6 minutes on an
+# H200, under 8):
 #   1. builds both extensions in place (the CUDA one is required: MEGASWIFT_BUILD_CUDA=1),
 #   2. runs tests/kernels, CUDA tests (@pytest.mark.gpu) included, against the torch references,
-#   3. runs the GPU benchmark ([16384, 128256] bf16 vs torch and megatron-core) and writes
+#   3. runs tests/gpu: sequence packing through TE's THD attention (megatron-core PackedSeqParams)
+#      against one sample per row, loss and gradients, and `megaswift sft` end to end (about 1.5
+#      minutes; skipped, and said so, where Transformer Engine does not import),
+#   4. runs the GPU benchmark ([16384, 128256] bf16 vs torch and megatron-core) and writes
 #      benchmarks/results/loss_kernel_cuda.json, plus the logs of each step beside it.
 # Uses .venv/bin/python when present, else python3 (or $PYTHON). Needs no network: the
 # megatron-core baseline is skipped, and said so, where megatron-core is not installed.
@@ -30,6 +34,15 @@ timeout 300 "$PY" -m pytest tests/kernels -q -rs -p no:cacheprovider 2>&1 | tee 
 tests_rc=${PIPESTATUS[0]}
 set -e
 echo "tests exit code $tests_rc after ${SECONDS}s"
+
+echo "== tests/gpu (packed THD with Transformer Engine)"
+"$PY" -c "import transformer_engine.pytorch as te; print('transformer_engine', te.__version__)" 2>&1 | tail -n 1 || true
+set +e
+timeout 180 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_thd_tests.log"
+thd_rc=${PIPESTATUS[0]}
+set -e
+echo "tests/gpu exit code $thd_rc after ${SECONDS}s"
+[ "$tests_rc" -ne 0 ] || tests_rc=$thd_rc
 
 echo "== GPU benchmark"
 bench_args=(--device cuda)

@@ -67,3 +67,54 @@ def test_packed_equals_unpacked(nproc, layout, sft_setup, unpacked_single, tmp_p
     root, data, tok, cache, init, _, packed_rows = sft_setup
     packed = _sft(root, data, tok, cache, tmp_path, nproc, True, packed_rows, extra=layout, init=init)
     _assert_same_losses(packed, unpacked_single)
+
+
+def _trainer(monkeypatch, world=1, **settings):
+    from megaswift.config import SFTConfig
+    from megaswift.train.trainer import Trainer
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    config = SFTConfig()
+    config.data.seq_length, config.data.packing, config.train.micro_batch_size = SEQ, True, 2
+    for key, value in settings.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    return Trainer(config, data_source=None)
+
+
+@pytest.mark.parametrize("settings, attention, shape", [
+    ({"model__layer_spec": "te", "train__precision": "bf16"}, "thd", (2 * SEQ, 1)),
+    ({"model__layer_spec": "te", "train__precision": "fp16"}, "thd", (2 * SEQ, 1)),
+    ({"model__layer_spec": "local", "train__precision": "fp32"}, "mask", (SEQ, 2)),
+    ({"model__layer_spec": "te", "train__precision": "bf16", "data__packing": False}, None, (SEQ, 2)),
+])
+def test_trainer_packs_thd_for_transformer_engine_and_masks_for_local_attention(settings, attention, shape,
+                                                                                monkeypatch):
+    trainer = _trainer(monkeypatch, **settings)
+    assert trainer.packed_attention == attention
+    assert trainer.micro_batch_shape() == shape  # what pipeline stages exchange per micro-batch
+
+
+@pytest.mark.parametrize("settings, world, message", [
+    ({"model__layer_spec": "te", "train__precision": "fp32"}, 1, "found train.precision resolving to fp32"),
+    ({"model__layer_spec": "te", "train__precision": "bf16", "parallel__context": 2}, 2,
+     "data.packing=true with parallel.context=2 is not supported"),
+])
+def test_trainer_refuses_packing_combinations_it_does_not_support(settings, world, message, monkeypatch):
+    from megaswift.config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        _trainer(monkeypatch, world=world, **settings)
+
+
+def test_a_preprocessing_failure_on_rank_0_stops_every_rank_with_a_clear_message(demo_data, tmp_path):
+    data = _write_alpaca(tmp_path / "long.jsonl", count=4)  # every sample is longer than 8 tokens: all dropped
+    flags = ["sft", "--data.datasets", str(data), "--data.tokenizer", str(demo_data[0]), "--data.seq_length", "8",
+             "--data.cache_dir", str(tmp_path / "cache"), "--train.micro_batch_size", "1",
+             "--train.global_batch_size", "2", "--train.train_iters", "1", "--train.precision", "fp32",
+             "--logging.output_dir", str(tmp_path / "out"), "--logging.progress_bar", "false",
+             "--logging.tensorboard", "false"]
+    proc = run_torchrun(["-m", "megaswift", *flags], nproc=2, timeout=240, check=False)
+    assert proc.returncode != 0
+    assert "megaswift sft: error: sft data: expected at least one usable row, found none" in proc.stderr
+    assert "megaswift sft: error: sft data: preprocessing failed on rank 0" in proc.stderr
+    for symptom in ("Connection closed", "Gloo", "gloo", "DistBackendError"):
+        assert symptom not in proc.stderr, proc.stderr[-6000:]

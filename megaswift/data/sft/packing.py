@@ -11,10 +11,14 @@ never split; megaswift.kernels does the bin packing). A packed row holds:
     num_samples                     real samples in the row (cu_seqlens has num_samples + 1 entries,
                                     or num_samples + 2 when the row is padded)
 
-Attention masks are bool with True = masked (not attended), as megatron-core's local
-DotProductAttention applies them (`attention_scores.masked_fill_(attention_mask, -10000.0)`), shape
-[batch, 1, seq, seq]. With Transformer Engine, pass `to_packed_seq_params(batch)` (THD format)
-instead of a mask.
+How attention stays inside a sample depends on the attention backend:
+    local spec   a block-diagonal causal mask, bool with True = masked (not attended), as
+                 megatron-core's local DotProductAttention applies them
+                 (`attention_scores.masked_fill_(attention_mask, -10000.0)`), shape [batch, 1, seq, seq];
+    TE spec      no mask: the micro-batch becomes one THD sequence of B*S tokens ([1, B*S] tensors,
+                 as megatron-core's attention squeezes a batch dimension of 1 in THD format) with a
+                 megatron-core PackedSeqParams(qkv_format="thd") whose cu_seqlens span all B*S tokens
+                 (`collate_thd`, `to_packed_seq_params`).
 """
 from __future__ import annotations
 
@@ -86,10 +90,7 @@ def collate_packed(rows: list[dict], with_attention_mask: bool = False) -> dict:
     seq_length = rows[0]["input_ids"].numel()
     batch = {key: torch.stack([r[key] for r in rows]) for key in ("input_ids", "labels", "loss_scale", "position_ids")}
     batch["loss_mask"] = (batch["labels"] != IGNORE_INDEX).float()
-    starts = [r["cu_seqlens"][:-1] + b * seq_length for b, r in enumerate(rows)]
-    cu = torch.cat(starts + [torch.tensor([len(rows) * seq_length], dtype=torch.int32)])
-    batch["cu_seqlens"] = cu.to(torch.int32)
-    batch["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+    batch["cu_seqlens"], batch["max_seqlen"] = merge_cu_seqlens([r["cu_seqlens"] for r in rows], seq_length)
     if with_attention_mask:
         batch["attention_mask"] = torch.cat([block_diagonal_causal_mask(r["cu_seqlens"], seq_length) for r in rows])
     return batch
@@ -117,10 +118,43 @@ def collate_padded(rows: list[dict], seq_length: int, pad_token_id: int, with_at
     return batch
 
 
-def to_packed_seq_params(batch: dict):
-    """megatron-core PackedSeqParams (THD) for a collate_packed batch."""
+def merge_cu_seqlens(row_cu_seqlens: Sequence[torch.Tensor], seq_length: int) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max_seqlen) of rows laid end to end as one sequence of len(rows) * seq_length tokens.
+
+    Each row's cu_seqlens starts at 0 and ends at seq_length (its padding is its last segment), so the
+    result is int32, starts at 0, ends at B*S and has one segment per sample and per padded tail.
+    """
+    starts = [cu[:-1].to(torch.int32) + b * seq_length for b, cu in enumerate(row_cu_seqlens)]
+    cu = torch.cat(starts + [torch.tensor([len(row_cu_seqlens) * seq_length], dtype=torch.int32)])
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
+    """megatron-core PackedSeqParams for self-attention over THD tokens split at cu_seqlens.
+
+    cu_seqlens stays int32 (TE's THD kernels require it; the forward step moves it to the GPU with
+    the batch); max_seqlen is a Python int (megatron-core sizes the RoPE table with it). No
+    cu_seqlens_*_padded: without context parallelism there is no padding inside a segment.
+    """
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = batch["cu_seqlens"]
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+def to_packed_seq_params(batch: dict):
+    """megatron-core PackedSeqParams (THD) for a collate_packed batch."""
+    return packed_seq_params(batch["cu_seqlens"], batch["max_seqlen"])
+
+
+THD_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "loss_scale", "position_ids")
+
+
+def collate_thd(rows: list[dict]) -> dict:
+    """A micro-batch of packed training rows (each with its own `cu_seqlens`) as one THD sequence:
+    every per-token tensor [1, B*S] (rows end to end), `packed_seq_params` over all B*S tokens, and
+    no attention mask."""
+    seq_length = rows[0]["tokens"].numel()
+    batch = {key: torch.cat([torch.as_tensor(r[key]) for r in rows])[None] for key in THD_TOKEN_KEYS}
+    batch["packed_seq_params"] = packed_seq_params(*merge_cu_seqlens([r["cu_seqlens"] for r in rows], seq_length))
+    return batch

@@ -2,9 +2,12 @@
 
 Each row is a dict the trainer's forward step consumes: tokens, labels (-100 replaced by 0, since
 megatron-core's vocab-parallel cross entropy has no ignore index; loss_mask carries the exclusion),
-loss_mask, loss_scale, position_ids, and for packed rows a block-diagonal causal attention mask so
-attention never crosses samples. Row order is a seeded permutation per epoch, so a resumed run sees the
-same rows as an uninterrupted one.
+loss_mask, loss_scale, position_ids. Packed rows keep attention inside each sample in one of two ways
+(`packed_attention`, chosen by the trainer from the attention backend):
+    "mask"  a block-diagonal causal attention mask per row (megatron-core's local attention);
+    "thd"   the row's cu_seqlens; a micro-batch becomes one THD sequence with megatron-core
+            PackedSeqParams and no mask (Transformer Engine attention), see packing.collate_thd.
+Row order is a seeded permutation per epoch, so a resumed run sees the same rows as an uninterrupted one.
 """
 from pathlib import Path
 
@@ -13,20 +16,25 @@ import torch
 import torch.distributed as dist
 
 from megaswift.config import SFTDataConfig
-from megaswift.data.micro_batches import SplitIterators
-from megaswift.data.sft.packing import PackedSFTDataset, block_diagonal_causal_mask, collate_padded
+from megaswift.data.micro_batches import SplitIterators, stack_rows
+from megaswift.data.sft.packing import PackedSFTDataset, block_diagonal_causal_mask, collate_padded, collate_thd
 from megaswift.data.sft.preprocess import SFTDataSettings, preprocess_sft
 from megaswift.data.sft.template import IGNORE_INDEX
 
 DEFAULT_CACHE = Path.home() / ".cache" / "megaswift" / "sft"
+PACKED_ATTENTION = ("mask", "thd")
 
 
 class TrainingRows(torch.utils.data.Dataset):
     """Fixed-length rows over the preprocessed samples, packed or padded; indices past one epoch wrap
     around through a fresh seeded permutation."""
 
-    def __init__(self, samples, seq_length: int, pad_id: int, packing: bool, seed: int):
+    def __init__(self, samples, seq_length: int, pad_id: int, packing: bool, seed: int,
+                 packed_attention: str = "mask"):
+        if packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"packed_attention: expected one of {PACKED_ATTENTION}, found {packed_attention!r}")
         self.seq_length, self.pad_id, self.packing, self.seed = seq_length, pad_id, packing, seed
+        self.packed_attention = packed_attention
         self.rows = PackedSFTDataset(samples, seq_length, pad_id) if packing else samples
         self.epoch_size = len(self.rows)
         if self.epoch_size == 0:
@@ -43,24 +51,32 @@ class TrainingRows(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self._row(index)
         if self.packing:
-            mask = block_diagonal_causal_mask(row["cu_seqlens"], self.seq_length)[0]
             batch = {"input_ids": row["input_ids"], "labels": row["labels"], "loss_scale": row["loss_scale"],
-                     "position_ids": row["position_ids"], "attention_mask": mask}
+                     "position_ids": row["position_ids"]}
+            if self.packed_attention == "thd":
+                batch["cu_seqlens"] = row["cu_seqlens"]
+            else:
+                batch["attention_mask"] = block_diagonal_causal_mask(row["cu_seqlens"], self.seq_length)[0]
         else:
             padded = collate_padded([row], self.seq_length, self.pad_id)
             batch = {key: value[0] for key, value in padded.items()}
         labels = batch["labels"]
         return {"tokens": batch["input_ids"], "labels": labels.masked_fill(labels == IGNORE_INDEX, 0),
                 "loss_mask": (labels != IGNORE_INDEX).float(), "loss_scale": batch["loss_scale"],
-                "position_ids": batch["position_ids"], **({"attention_mask": batch["attention_mask"]}
-                                                          if "attention_mask" in batch else {})}
+                "position_ids": batch["position_ids"],
+                **{key: batch[key] for key in ("attention_mask", "cu_seqlens") if key in batch}}
 
 
 class SFTData(SplitIterators):
-    def __init__(self, data: SFTDataConfig, tokenizer, seed: int, micro_batch_size: int):
+    def __init__(self, data: SFTDataConfig, tokenizer, seed: int, micro_batch_size: int,
+                 packed_attention: str = "mask"):
         self.data, self.tokenizer, self.seed, self.micro = data, tokenizer, seed, micro_batch_size
+        self.packed_attention = packed_attention
         self._built = None
         self.stats: dict = {}
+
+    def collate(self, samples: list[dict]) -> dict:
+        return collate_thd(samples) if self.data.packing and self.packed_attention == "thd" else stack_rows(samples)
 
     def _preprocess(self):
         settings = SFTDataSettings(datasets=tuple(self.data.datasets), max_length=self.data.seq_length,
@@ -68,14 +84,24 @@ class SFTData(SplitIterators):
                                    over_length=self.data.over_length, skip_bad_rows=self.data.skip_bad_rows,
                                    seed=self.seed)
         cache = self.data.cache_dir or DEFAULT_CACHE
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        # Rank 0 preprocesses; the others then read its cache instead of repeating the work.
-        if rank != 0 and dist.is_initialized():
-            dist.barrier()
-        result = preprocess_sft(settings, self.tokenizer, cache, self.data.num_proc, report=rank == 0)
-        if rank == 0 and dist.is_initialized():
-            dist.barrier()
-        return result
+        run = lambda report: preprocess_sft(settings, self.tokenizer, cache, self.data.num_proc, report=report)
+        if not dist.is_initialized():
+            return run(True)
+        # Rank 0 preprocesses; then it tells the others whether that worked: on success they read its
+        # cache instead of repeating the work, on failure they stop with a short message (rather than
+        # a broken-connection error beside rank 0's own).
+        if dist.get_rank() == 0:
+            try:
+                result = run(True)
+            except Exception:
+                _share_preprocessing_outcome(False)
+                raise
+            _share_preprocessing_outcome(True)
+            return result
+        if not _share_preprocessing_outcome(None):
+            raise ValueError("sft data: preprocessing failed on rank 0 (its error is reported above); "
+                             "this rank stops too")
+        return run(False)
 
     def _splits(self):
         if self._built is None:
@@ -84,8 +110,19 @@ class SFTData(SplitIterators):
             samples = result.dataset
             n_valid = int(len(samples) * self.data.valid_fraction)
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            make = lambda part: TrainingRows(part, self.data.seq_length, pad_id, self.data.packing, self.seed)
+            make = lambda part: TrainingRows(part, self.data.seq_length, pad_id, self.data.packing, self.seed,
+                                             self.packed_attention)
             train = make(samples.select(range(n_valid, len(samples))))
             valid = make(samples.select(range(n_valid))) if n_valid else None
             self._built = (train, valid)
         return self._built
+
+
+def _share_preprocessing_outcome(ok: bool | None) -> bool:
+    """Rank 0 passes whether its preprocessing worked, every other rank passes None; all get rank 0's
+    answer. On failure all ranks also meet at a barrier, so rank 0 exits only after the others know."""
+    outcome = [ok]
+    dist.broadcast_object_list(outcome, src=0)
+    if not outcome[0]:
+        dist.barrier()
+    return bool(outcome[0])
