@@ -77,6 +77,8 @@ def run_baseline(config: dict) -> list[float]:
 
     def forward_step(iterator, model):
         b = next(iterator)
+        if torch.cuda.is_available():
+            b = {key: value.cuda(non_blocking=True) for key, value in b.items()}
         loss = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
         mask = b["loss_mask"].float()
         return loss, lambda out: ((out.float() * mask).sum() / mask.sum(), {})
@@ -91,6 +93,8 @@ def run_baseline(config: dict) -> list[float]:
                          num_microbatches=t["global_batch_size"] // t["micro_batch_size"],
                          seq_length=data.seq_length, micro_batch_size=t["micro_batch_size"])
         optimizer.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
     shutdown_distributed()
     return times
@@ -127,6 +131,7 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--config-json")
     parser.add_argument("--out")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where train_throughput_<device>.json goes")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.config_json, args.out)
@@ -145,9 +150,10 @@ def main() -> None:
     result = {"benchmark": "train_throughput", "device": device, "config": config, "rounds": args.rounds,
               "baseline_tokens_per_s": tokens / base, "megaswift_tokens_per_s": tokens / ours,
               "ratio_megaswift_over_baseline": base / ours, "median_step_s": medians, "goal_ratio": 0.95}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     name = "cpu" if device == "cpu" else "gpu"
-    (RESULTS / f"train_throughput_{name}.json").write_text(json.dumps(result, indent=2))
+    (results_dir / f"train_throughput_{name}.json").write_text(json.dumps(result, indent=2))
     print(f"baseline  {tokens / base:10.0f} tokens/s\nmegaswift {tokens / ours:10.0f} tokens/s\n"
           f"ratio megaswift/baseline = {base / ours:.3f} (goal >= 0.95)")
 

@@ -7,7 +7,12 @@
 #      against one sample per row, loss and gradients, and `megaswift sft` end to end (about 1.5
 #      minutes; skipped, and said so, where Transformer Engine does not import),
 #   4. runs the GPU benchmark ([16384, 128256] bf16 vs torch and megatron-core) and writes
-#      benchmarks/results/loss_kernel_cuda.json, plus the logs of each step beside it.
+#      benchmarks/results/loss_kernel_cuda.json, plus the logs of each step beside it,
+#   5. measures `megaswift pt` throughput (tokens/s, MFU in its log) on a Llama-3.2-1B shape at seq
+#      4096 bf16 against a plain megatron-core loop: train_throughput_gpu.json.
+# On the lent machine, whose image lacks megatron-core and datasets, carry the wheels that
+# tests/gpu/fetch_wheels.sh downloads (.whl/); they are installed first. RESULTS_DIR=$OUT sends
+# results and logs back.
 # Uses .venv/bin/python when present, else python3 (or $PYTHON). Needs no network: the
 # megatron-core baseline is skipped, and said so, where megatron-core is not installed.
 set -euo pipefail
@@ -18,6 +23,12 @@ mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} MEGASWIFT_BUILD_CUDA=1
 SECONDS=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried from tests/gpu/fetch_wheels.sh
+  echo "== installing carried wheels: $(cd .whl && echo *.whl)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/megaswift-site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/megaswift-site"
+fi
 
 echo "== environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -48,5 +59,15 @@ echo "== GPU benchmark"
 bench_args=(--device cuda)
 "$PY" -c "import megatron.core" 2>/dev/null || { echo "megatron-core not importable: its baseline is skipped"; bench_args+=(--no-megatron); }
 timeout 240 "$PY" benchmarks/loss_kernel.py "${bench_args[@]}" --out "$RESULTS/loss_kernel_cuda.json" 2>&1 | tee "$RESULTS/gpu_benchmark.log"
+
+echo "== training throughput: Llama-3.2-1B shape, seq 4096, bf16, megaswift pt vs a plain megatron-core loop"
+if "$PY" -c "import megatron.core" 2>/dev/null; then
+  # micro-batch 1: without Transformer Engine the local attention materialises [heads, seq, seq] scores.
+  timeout 200 "$PY" benchmarks/train_throughput.py --preset llama-3.2-1b --overrides '{}' --seq-length 4096 \
+    --micro-batch-size 1 --global-batch-size 8 --precision bf16 --steps 12 --warmup 4 --rounds 1 \
+    --results-dir "$RESULTS" 2>&1 | tee "$RESULTS/gpu_train_throughput.log" || echo "throughput benchmark failed"
+else
+  echo "megatron-core not importable: skipped (carry its wheel: tests/gpu/fetch_wheels.sh)"
+fi
 echo "== done in ${SECONDS}s (tests exit code $tests_rc)"
 exit "$tests_rc"
