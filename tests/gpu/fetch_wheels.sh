@@ -16,5 +16,5 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
   platforms+=(--platform "$p")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-  -d .whl "megatron-core==$("$PY" -c 'import megatron.core as m; print(m.__version__)')" datasets dill multiprocess
+  -d .whl "megatron-core==$("$PY" -c 'from importlib.metadata import version; print(version("megatron-core"))')" datasets dill multiprocess
 ls -l .whl
