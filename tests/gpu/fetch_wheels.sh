@@ -15,6 +15,10 @@ platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any; do
   platforms+=(--platform "$p")
 done
+# The versions installed here, where the test suite passes.
+pins=$("$PY" -c 'from importlib.metadata import version as v
+print(*(f"{n}=={v(n)}" for n in ("megatron-core", "datasets", "dill", "multiprocess")))')
+# shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-  -d .whl "megatron-core==$("$PY" -c 'from importlib.metadata import version; print(version("megatron-core"))')" datasets dill multiprocess
+  -d .whl $pins
 ls -l .whl
