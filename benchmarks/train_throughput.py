@@ -108,7 +108,8 @@ def child(mode: str, config_json: str, out: str) -> None:
 
 def measure(mode: str, config: dict, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # keep the caller's PYTHONPATH: on the GPU machine it holds the carried megatron-core wheel
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--config-json", json.dumps(config),
                                "--out", out], capture_output=True, text=True, env=env, timeout=3600)
         if proc.returncode != 0:

@@ -8,6 +8,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def python_path() -> str:
+    """PYTHONPATH for child processes: this checkout first, then what the caller had (on the GPU
+    machine, the folder tests/gpu/run.sh installs carried wheels into)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -20,7 +26,7 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dic
     `check=False` returns a failed run instead of raising (a timeout still raises)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(), **(env or {})}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     except subprocess.TimeoutExpired as e:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from megaswift.models.builder import transformer_engine_available
-from tests.torchrun import REPO
+from tests.torchrun import REPO, python_path
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not transformer_engine_available(),
@@ -27,7 +27,7 @@ CONTROL_MIN = 0.5         # a leaking control must be at least this far off (all
 
 
 def _python(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "4"}
+    env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "4"}
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode})\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
