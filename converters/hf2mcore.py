@@ -20,6 +20,7 @@ from converters.mcore_layout import McoreTensor, mcore_layout
 from converters.mcore_writer import write_mcore_checkpoint
 from converters.output_dir import atomic_output_dir, check_output_dir
 from converters.rules import dims_of
+from converters.transforms import empty_placed
 from megaswift.checkpointing.layout import copy_hf_assets, iteration_dir, write_latest, write_meta
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,6 +45,14 @@ def _check_shapes(mappings, layout, reader: HfCheckpointReader, dims, config_fil
 
 
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def _check_fused_dtypes(mappings, reader: HfCheckpointReader, hf_dir: Path) -> None:
+    for m in mappings:
+        found = {k: tensor_dtype(reader, k) for k in m.hf}
+        if len(set(found.values())) > 1:
+            raise ConversionError(f"{hf_dir}: tensors fused into {m.mcore} have different dtypes: "
+                                  + ", ".join(f"{k} ({reader.file_of[k].name}) is {d}" for k, d in found.items()))
 
 
 def _fingerprint(reader: HfCheckpointReader, key: str) -> str:
@@ -81,13 +90,18 @@ def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, 
     check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys() if k not in redundant},
                   where=str(hf_dir))
     _check_shapes(mappings, layout, reader, dims, hf_dir / "config.json")
+    _check_fused_dtypes(mappings, reader, hf_dir)
     by_name = {m.mcore: m for m in mappings}
     dtypes = {m.mcore: DTYPES[dtype] if dtype else tensor_dtype(reader, m.hf[0]) for m in mappings}
     bar = tqdm(total=len(mappings), desc="hf2mcore", unit="tensor", disable=not progress)
 
     def produce(target: McoreTensor) -> torch.Tensor:
         mapping = by_name[target.name]
-        tensor = mapping.transform.to_mcore([reader.read(k) for k in mapping.hf], dims, target.shape)
+        # Each HF tensor's rows are read from disk straight into their place in the fused tensor.
+        placement = mapping.transform.placement(dims, target.shape)
+        tensor = empty_placed(target.shape, tensor_dtype(reader, mapping.hf[0]), placement)
+        for key, blocks in zip(mapping.hf, placement):
+            reader.read_rows_into(key, blocks, tensor)
         bar.update()
         return tensor.to(dtypes[target.name])
 

@@ -88,6 +88,22 @@ class HfCheckpointReader:
         except Exception as e:
             raise ConversionError(f"{path}: cannot read tensor {key!r} (truncated or corrupt file?): {e}") from e
 
+    def read_rows_into(self, key: str, blocks, out: torch.Tensor) -> None:
+        """Rows of `key` into rows of `out`: (src, dst, n) blocks, as Transform.placement gives them."""
+        path = self.file_of[key]
+        handle = self._handle(path)
+        self.reads[key] += 1
+        try:
+            if isinstance(handle, dict):
+                for src, dst, rows in blocks:
+                    out[dst:dst + rows] = handle[key][src:src + rows]
+            else:
+                handle.read_rows_into(key, blocks, out)
+        except ConversionError:
+            raise
+        except Exception as e:
+            raise ConversionError(f"{path}: cannot read tensor {key!r} (truncated or corrupt file?): {e}") from e
+
     def close(self) -> None:
         self._handles.clear()
 

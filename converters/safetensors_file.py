@@ -56,20 +56,34 @@ class SafetensorsFile:
         return DTYPES[self.entries[key]["dtype"]]
 
     def read(self, key: str) -> torch.Tensor:
-        # Read straight into the tensor's own (uninitialised) memory: a zero-filled bytearray would touch
-        # every page twice, and torch.frombuffer over it gives a storage that cannot be freed early.
-        start, end = self.entries[key]["data_offsets"]
         tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
-        if end == start:
-            return tensor
-        # A ctypes view, not .numpy(): exporting to numpy marks the storage non-resizable, and the
-        # checkpoint writer frees each written tensor's storage early (mcore_writer.py).
-        view, done = memoryview((ctypes.c_char * (end - start)).from_address(tensor.data_ptr())).cast("B"), 0
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.data_start + start)
-            while done < len(view):  # one read(2) returns at most ~2 GiB
-                count = f.readinto(view[done:])
-                if not count:
-                    raise ConversionError(f"{self.path}: truncated while reading tensor {key!r}")
-                done += count
+        rows = self.shape(key)[0] if self.shape(key) else 1
+        self.read_rows_into(key, [(0, 0, rows)], tensor)
         return tensor
+
+    def read_rows_into(self, key: str, blocks, out: torch.Tensor) -> None:
+        """Read rows [src, src + n) of tensor `key` into rows [dst, dst + n) of the contiguous CPU tensor
+        `out` (same dtype and row size), for each (src, dst, n) in `blocks`: straight from the file
+        into `out`'s memory, with no intermediate copy. Uninitialised memory is fine: every byte is
+        overwritten, where a zero-filled buffer would touch every page twice."""
+        shape, dtype = self.shape(key), self.dtype(key)
+        if out.dtype != dtype or tuple(out.shape[1:]) != tuple(shape[1:]) or not out.is_contiguous():
+            raise AssertionError(f"{key}: cannot read {dtype} rows of shape {shape[1:]} into {out.dtype} "
+                                 f"{tuple(out.shape)}")
+        row_bytes = torch.Size(shape[1:]).numel() * dtype.itemsize
+        start = self.entries[key]["data_offsets"][0]
+        with open(self.path, "rb", buffering=0) as f:
+            for src, dst, rows in blocks:
+                if rows <= 0:
+                    continue
+                # A ctypes view, not .numpy(): exporting to numpy marks the storage non-resizable, and
+                # the checkpoint writer frees each written tensor's storage early (mcore_writer.py).
+                address = out.data_ptr() + dst * row_bytes
+                view = memoryview((ctypes.c_char * (rows * row_bytes)).from_address(address)).cast("B")
+                f.seek(self.data_start + start + src * row_bytes)
+                done = 0
+                while done < len(view):  # one read(2) returns at most ~2 GiB
+                    count = f.readinto(view[done:])
+                    if not count:
+                        raise ConversionError(f"{self.path}: truncated while reading tensor {key!r}")
+                    done += count

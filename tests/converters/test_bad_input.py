@@ -135,3 +135,12 @@ def test_bad_max_shard_size(tmp_path, converted_dirs, capsys, bad_size):
                         "--max-shard-size", bad_size)
     assert code == 1 and bad_size in err
     assert_nothing_written(tmp_path)
+
+
+def test_fused_tensors_of_different_dtypes(tmp_path, hf_model_dirs, capsys):
+    hf = copy_model(hf_model_dirs, tmp_path)
+    key = "model.layers.0.mlp.up_proj.weight"
+    edit_weights(hf, lambda t: t.__setitem__(key, t[key].to(torch.bfloat16)))
+    code, err = convert(capsys, "hf2mcore", hf, tmp_path / "out")
+    assert code == 1 and key in err and "model.layers.0.mlp.gate_proj.weight" in err and "different dtypes" in err
+    assert_nothing_written(tmp_path)

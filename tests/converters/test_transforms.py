@@ -1,8 +1,11 @@
-"""The fused layouts, checked against megatron-core's documented order with labelled rows, and the
-inverse of every transform (pure reshapes: bit-exact)."""
+"""The fused layouts, checked against megatron-core's documented order with labelled rows, the inverse
+of every transform (pure row moves: bit-exact), and the disk path that reads rows into place."""
+import pytest
 import torch
+from safetensors.torch import save_file
 
-from converters.transforms import FUSED_GATE_UP, FUSED_QKV, PADDED_VOCAB, Dims
+from converters.hf_reader import HfCheckpointReader
+from converters.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY, PADDED_VOCAB, Dims, empty_placed
 
 DIMS = Dims(num_heads=6, num_query_groups=2, head_dim=3, vocab_size=10)
 
@@ -43,3 +46,26 @@ def test_vocab_padding_rows_are_zero_and_stripped_back():
     assert torch.equal(padded[:10], embedding) and not padded[10:].any()
     (back,) = PADDED_VOCAB.to_hf(padded, DIMS)
     assert torch.equal(back, embedding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reading_rows_from_disk_into_place_equals_assembling_in_memory(tmp_path, dtype):
+    """hf2mcore reads each HF tensor's rows straight into the fused tensor; that must give exactly what
+    to_mcore gives in memory, padding rows zero even over dirty memory."""
+    tensors = {"q": torch.randn(18, 4), "k": torch.randn(6, 4), "v": torch.randn(6, 4), "q_bias": torch.randn(18),
+               "k_bias": torch.randn(6), "v_bias": torch.randn(6), "gate": torch.randn(5, 4), "up": torch.randn(5, 4),
+               "embedding": torch.randn(10, 4)}
+    tensors = {k: t.to(dtype) for k, t in tensors.items()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = HfCheckpointReader(tmp_path)
+    cases = [(FUSED_QKV, ["q", "k", "v"], (30, 4)), (FUSED_QKV, ["q_bias", "k_bias", "v_bias"], (30,)),
+             (FUSED_GATE_UP, ["gate", "up"], (10, 4)), (PADDED_VOCAB, ["embedding"], (128, 4)),
+             (IDENTITY, ["gate"], (5, 4))]
+    for transform, keys, shape in cases:
+        placement = transform.placement(DIMS, shape)
+        torch.full(shape, float("nan"), dtype=dtype)  # leave dirty memory about for empty() to reuse
+        from_disk = empty_placed(shape, dtype, placement)
+        for key, blocks in zip(keys, placement):
+            reader.read_rows_into(key, blocks, from_disk)
+        in_memory = transform.to_mcore([tensors[k] for k in keys], DIMS, shape)
+        assert torch.equal(from_disk, in_memory), transform.name
