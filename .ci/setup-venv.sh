@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ! -x .venv/bin/python ]]; then
-  if command -v pyenv >/dev/null 2>&1 && pyenv versions --bare | grep -qx '3.12.1'; then
+  if command -v pyenv >/dev/null 2>&1 && pyenv versions --bare | grep -x '3.12.1' >/dev/null; then
     PYENV_VERSION=3.12.1 python3 -m venv .venv
   else
     python3.12 -m venv .venv

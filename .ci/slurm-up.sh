@@ -11,7 +11,7 @@ CONF=/etc/slurm/slurm.conf
 log() { echo "slurm-up: $*"; }
 
 cluster_idle() {
-  scontrol ping 2>/dev/null | grep -q "is UP" && sinfo -h -o %T 2>/dev/null | grep -qx "idle"
+  scontrol ping 2>/dev/null | grep "is UP" >/dev/null && sinfo -h -o %T 2>/dev/null | grep -x "idle" >/dev/null
 }
 
 if command -v scontrol >/dev/null && [ -f "$CONF" ] && cluster_idle; then
