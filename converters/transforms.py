@@ -1,8 +1,8 @@
-"""Named tensor transforms between HF and megatron-core layouts, each with both directions.
+"""Named tensor transforms between HF and megatron-core layouts: one row placement each, read both ways.
 
 `to_mcore(hf_tensors, dims, mcore_shape)` builds one megatron-core tensor from the HF tensors a rule
-names, by the transform's row placement; `to_hf(mcore_tensor, dims)` gives them back, in the same
-order. Both only move rows, so a round trip is bit-exact. The expected HF shapes are derived by running
+names by placing their rows; `to_hf(mcore_tensor, dims)` gathers them back, in the same order. Both
+only move rows, so a round trip is bit-exact. The expected HF shapes are derived by running
 `to_hf` on a meta tensor of the megatron-core shape, so no shape table is kept twice.
 """
 from dataclasses import dataclass
@@ -27,11 +27,10 @@ Block = tuple[int, int, int]  # (first row in the HF tensor, first row in the me
 class Transform:
     """`placement(dims, mcore_shape)` says, for each HF tensor in rule order, which of its rows
     (along dim 0) land where in the megatron-core tensor; rows no block covers are zeros (vocab
-    padding). It is the one description of the fused layout: `to_mcore` assembles tensors in memory
-    from it, and hf2mcore reads each block from disk straight into its place. `to_hf` is its inverse."""
+    padding). It is the one description of the layout, read both ways: `to_mcore` places rows,
+    `to_hf` gathers them back, and hf2mcore reads each block from disk straight into its place."""
     name: str
     placement: Callable[[Dims, tuple[int, ...]], list[list[Block]]]
-    to_hf: Callable[[torch.Tensor, Dims], list[torch.Tensor]]
 
     def to_mcore(self, hf: list[torch.Tensor], dims: Dims, shape: tuple[int, ...]) -> torch.Tensor:
         placement = self.placement(dims, shape)
@@ -44,6 +43,19 @@ class Transform:
             for src, dst, rows in blocks:
                 out[dst:dst + rows] = tensor[src:src + rows]
         return out
+
+    def to_hf(self, t: torch.Tensor, dims: Dims) -> list[torch.Tensor]:
+        """The HF tensors, in rule order: views of `t` where a tensor is one block, else copies."""
+        placement = self.placement(dims, tuple(t.shape))
+        needed = max((dst + rows for blocks in placement for _, dst, rows in blocks), default=0)
+        if t.shape[0] < needed:
+            raise ValueError(f"has {t.shape[0]} rows, expected at least {needed} ({self.name}: vocab_size="
+                             f"{dims.vocab_size}, {dims.num_heads} heads, {dims.num_query_groups} query groups)")
+        parts = []
+        for blocks in placement:
+            pieces = [t[dst:dst + rows] for _, dst, rows in sorted(blocks)]
+            parts.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+        return parts
 
 
 def empty_placed(shape: tuple[int, ...], dtype: torch.dtype, placement: list[list[Block]]) -> torch.Tensor:
@@ -59,7 +71,7 @@ def empty_placed(shape: tuple[int, ...], dtype: torch.dtype, placement: list[lis
 
 
 # --- identity: same tensor under another name ------------------------------------------------------
-IDENTITY = Transform("identity", lambda dims, shape: [[(0, 0, shape[0])]], lambda t, dims: [t])
+IDENTITY = Transform("identity", lambda dims, shape: [[(0, 0, shape[0])]])
 
 
 # --- fused QKV --------------------------------------------------------------------------------------
@@ -81,27 +93,13 @@ def _qkv_placement(dims: Dims, shape) -> list[list[Block]]:
             [(g * d, g * group_rows + q_rows + d, d) for g in groups]]
 
 
-def _qkv_to_hf(t: torch.Tensor, dims: Dims) -> list[torch.Tensor]:
-    groups, rest = dims.num_query_groups, t.shape[1:]
-    q_rows, _ = _qkv_rows(dims)
-    q, k, v = t.reshape(groups, -1, *rest).split([q_rows, dims.head_dim, dims.head_dim], dim=1)
-    return [x.reshape(-1, *rest) for x in (q, k, v)]
-
-
-FUSED_QKV = Transform("fused_qkv", _qkv_placement, _qkv_to_hf)
+FUSED_QKV = Transform("fused_qkv", _qkv_placement)
 
 
 # --- fused gate/up: linear_fc1 = [gate; up] (megatron's swiglu takes the first half as the gate) ---
 FUSED_GATE_UP = Transform("fused_gate_up",
-                          lambda dims, shape: [[(0, 0, shape[0] // 2)], [(0, shape[0] // 2, shape[0] // 2)]],
-                          lambda t, dims: list(t.chunk(2, dim=0)))
+                          lambda dims, shape: [[(0, 0, shape[0] // 2)], [(0, shape[0] // 2, shape[0] // 2)]])
 
 
 # --- vocab padding: megatron pads the vocab (rows) with zeros to a multiple of 128 * TP ------------
-def _strip_vocab(t: torch.Tensor, dims: Dims) -> list[torch.Tensor]:
-    if t.shape[0] < dims.vocab_size:
-        raise ValueError(f"has {t.shape[0]} vocab rows, fewer than vocab_size={dims.vocab_size}")
-    return [t[: dims.vocab_size]]
-
-
-PADDED_VOCAB = Transform("padded_vocab", lambda dims, shape: [[(0, 0, dims.vocab_size)]], _strip_vocab)
+PADDED_VOCAB = Transform("padded_vocab", lambda dims, shape: [[(0, 0, dims.vocab_size)]])

@@ -69,3 +69,8 @@ def test_reading_rows_from_disk_into_place_equals_assembling_in_memory(tmp_path,
             reader.read_rows_into(key, blocks, from_disk)
         in_memory = transform.to_mcore([tensors[k] for k in keys], DIMS, shape)
         assert torch.equal(from_disk, in_memory), transform.name
+
+
+def test_gathering_back_from_too_few_rows_is_an_error():
+    with pytest.raises(ValueError, match="has 5 rows, expected at least 10"):
+        PADDED_VOCAB.to_hf(torch.zeros(5, 4), DIMS)
