@@ -1,8 +1,8 @@
-"""torchrun worker: load converted checkpoints at a TP/PP/EP layout with megatron-core's own loader,
+"""torchrun worker: load converted checkpoints at a TP/PP/VPP/EP layout with megatron-core's own loader,
 run the forward pass, compare the gathered logits with transformers' (precomputed by the test), and
 optionally re-save the checkpoint at this layout (as training would) for the mcore2hf test.
 
-    torchrun ... layout_worker.py CASES_JSON RESULTS_DIR --tp 2 --pp 1 --ep 1
+    torchrun ... layout_worker.py CASES_JSON RESULTS_DIR --tp 2 --pp 1 --ep 1 [--vpp 2]
 CASES_JSON: [{"name", "ckpt", "expected_logits" (.pt), "tokens" (.pt), "save_to" (optional)}]
 """
 import argparse
@@ -33,13 +33,18 @@ def forward_logits(chunks, tokens: torch.Tensor):
     for chunk in chunks:
         chunk.eval()
     with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=chunks,
-                                    num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=1,
+        # The interleaved schedule wants one iterator per chunk, and at least as many micro-batches
+        # as pipeline stages: the same tokens go through `microbatches` times.
+        microbatches = parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
+        iterators = [iter([tokens] * microbatches) for _ in chunks]
+        get_forward_backward_func()(forward_step_func=forward_step,
+                                    data_iterator=iterators if len(chunks) > 1 else iterators[0], model=chunks,
+                                    num_microbatches=microbatches, seq_length=tokens.shape[1], micro_batch_size=1,
                                     forward_only=True)
     return captured.get("logits") if parallel_state.is_pipeline_last_stage() else None
 
 
-def run_case(case: dict, tp: int, pp: int, ep: int) -> dict:
+def run_case(case: dict, tp: int, pp: int, ep: int, vpp: int | None) -> dict:
     from megatron.core import dist_checkpointing, parallel_state
 
     from megaswift.checkpointing.layout import read_meta, write_latest, write_meta
@@ -51,15 +56,19 @@ def run_case(case: dict, tp: int, pp: int, ep: int) -> dict:
     hf = read_meta(ckpt)["hf_config"]
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             expert_model_parallel_size=ep)
+                                             expert_model_parallel_size=ep,
+                                             virtual_pipeline_model_parallel_size=vpp)
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     model_parallel_cuda_manual_seed(1234)
-    config = hf_to_transformer_config(hf, ParallelConfig(tensor=tp, pipeline=pp, expert=ep))
+    config = hf_to_transformer_config(hf, ParallelConfig(tensor=tp, pipeline=pp, expert=ep, virtual_pipeline=vpp))
     config.perform_initialization = False
-    (model,) = build_model_chunks(hf, config)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
-    model.load_state_dict(loaded["model"], strict=True)
-    logits = forward_logits([model], torch.load(case["tokens"]))
+    chunks = build_model_chunks(hf, config)
+    # As megatron-core names the chunks of an interleaved pipeline: model0, model1, ... (one: model).
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    loaded = dist_checkpointing.load({n: c.sharded_state_dict() for n, c in zip(names, chunks)}, str(ckpt))
+    for name, chunk in zip(names, chunks):
+        chunk.load_state_dict(loaded[name], strict=True)
+    logits = forward_logits(chunks, torch.load(case["tokens"]))
     result = {}
     if logits is not None:
         expected = torch.load(case["expected_logits"])
@@ -69,7 +78,7 @@ def run_case(case: dict, tp: int, pp: int, ep: int) -> dict:
         if torch.distributed.get_rank() == 0:
             save_dir.mkdir(parents=True)
         torch.distributed.barrier()
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(save_dir))
+        dist_checkpointing.save({n: c.sharded_state_dict() for n, c in zip(names, chunks)}, str(save_dir))
         if torch.distributed.get_rank() == 0:
             write_meta(save_dir, {**read_meta(ckpt), "iteration": 0})
             write_latest(save_dir.parent, 0)
@@ -84,13 +93,14 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
     args = parser.parse_args()
     from megaswift.platform.cpu import apply_cpu_patches
     apply_cpu_patches()
     rank = int(os.environ["RANK"])
     torch.distributed.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     cases = json.loads(Path(args.cases).read_text())
-    results = {case["name"]: run_case(case, args.tp, args.pp, args.ep) for case in cases}
+    results = {case["name"]: run_case(case, args.tp, args.pp, args.ep, args.vpp) for case in cases}
     Path(args.results, f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""Converted checkpoints load at TP=2, PP=2 and EP=2 (torchrun, 2 processes, megatron-core's own
+"""Converted checkpoints load at TP=2, PP=2, PP=2 x VPP=2 and EP=2 (torchrun, 2 processes, megatron-core's own
 dist_checkpointing.load) and give transformers' logits (fp32, <= 1e-4); checkpoints re-saved at those
 layouts, as training saves them, convert back to HF bit-exactly."""
 import json
@@ -15,6 +15,8 @@ from tests.torchrun import REPO, run_torchrun
 LAYOUTS = {  # layout -> (families checked, families re-saved at that layout and converted back)
     "tp2": (dict(tp=2), list(FAMILY_PRESETS), ["llama3-tied", "qwen2-moe"]),
     "pp2": (dict(pp=2), list(FAMILY_PRESETS), ["llama3-tied", "qwen3"]),
+    # interleaved: each rank holds two chunks of one layer each (tiny models have 4 layers)
+    "pp2-vpp2": (dict(pp=2, vpp=2), ["llama3-tied", "qwen2", "mixtral"], ["llama3-tied"]),
     "ep2": (dict(ep=2), list(MOE_FAMILIES), ["mixtral"]),
 }
 
