@@ -56,9 +56,9 @@ class SafetensorsFile:
         return DTYPES[self.entries[key]["dtype"]]
 
     def read(self, key: str) -> torch.Tensor:
-        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
-        rows = self.shape(key)[0] if self.shape(key) else 1
-        self.read_rows_into(key, [(0, 0, rows)], tensor)
+        shape = self.shape(key)
+        tensor = torch.empty(shape, dtype=self.dtype(key))
+        self.read_rows_into(key, [(0, 0, shape[0] if shape else 1)], tensor)
         return tensor
 
     def read_rows_into(self, key: str, blocks, out: torch.Tensor) -> None:

@@ -48,6 +48,7 @@ def run_case(case: dict, tp: int, pp: int, ep: int, vpp: int | None) -> dict:
     from megatron.core import dist_checkpointing, parallel_state
 
     from megaswift.checkpointing.layout import read_meta, write_latest, write_meta
+    from megaswift.checkpointing.state import model_state_keys
     from megaswift.config import ParallelConfig
     from megaswift.models import hf_to_transformer_config
     from megaswift.models.builder import build_model_chunks
@@ -63,8 +64,7 @@ def run_case(case: dict, tp: int, pp: int, ep: int, vpp: int | None) -> dict:
     config = hf_to_transformer_config(hf, ParallelConfig(tensor=tp, pipeline=pp, expert=ep, virtual_pipeline=vpp))
     config.perform_initialization = False
     chunks = build_model_chunks(hf, config)
-    # As megatron-core names the chunks of an interleaved pipeline: model0, model1, ... (one: model).
-    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    names = model_state_keys(chunks)  # as training saves them: model, or model0, model1, ... (interleaved)
     loaded = dist_checkpointing.load({n: c.sharded_state_dict() for n, c in zip(names, chunks)}, str(ckpt))
     for name, chunk in zip(names, chunks):
         chunk.load_state_dict(loaded[name], strict=True)
