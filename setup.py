@@ -9,11 +9,42 @@ Environment knobs:
   CUDA_HOME                    the toolkit folder (found from nvcc or /usr/local/cuda* otherwise)
 """
 import glob
+import logging
 import os
 import shutil
 import sys
+import warnings
 
 from setuptools import setup
+
+# pip runs this file three times (build requirements, metadata, the build itself); only the build compiles
+BUILD_COMMANDS = ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install")
+# torch's import-time notices are about running torch, not about building against it; this file says what it
+# builds and why. The NumPy one appears when pip builds megaswift before installing numpy; the CUDA runtime
+# one on any machine without a GPU driver, where the CUDA kernels still compile.
+TORCH_IMPORT_NOTICES = ("Failed to initialize NumPy", "No CUDA runtime is found")
+
+
+class _DropTorchImportNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in TORCH_IMPORT_NOTICES)
+
+
+def import_torch_build_tools():
+    """(torch, BuildExtension, CppExtension, CUDAExtension), without torch's import-time notices."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_DropTorchImportNotices())
+    with warnings.catch_warnings():
+        for text in TORCH_IMPORT_NOTICES:
+            warnings.filterwarnings("ignore", message=f".*{text}")
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    return torch, BuildExtension, CppExtension, CUDAExtension
+
+
+def note(message: str) -> None:
+    """Says what is (not) built once, in the run that builds."""
+    if any(command in sys.argv[1:] for command in BUILD_COMMANDS):
+        print(f"megaswift setup.py: {message}", file=sys.stderr)
 
 
 def find_cuda_home() -> str | None:
@@ -39,11 +70,10 @@ def extension_build() -> dict:
         os.environ["CUDA_HOME"] = cuda_home  # torch.utils.cpp_extension reads it at import time
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # without it the build crashes when no GPU is visible
     try:
-        import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        torch, BuildExtension, CppExtension, CUDAExtension = import_torch_build_tools()
     except ImportError:
-        print("megaswift setup.py: torch is not importable here, so csrc is NOT built (install with "
-              "`pip install -e . --no-build-isolation`); the torch reference ops will run", file=sys.stderr)
+        note("torch is not importable here, so csrc is NOT built (install with "
+             "`pip install -e . --no-build-isolation`); the torch reference ops will run")
         return {}
     csrc = "csrc"
     cxx_flags = ["-O3", "-fopenmp"]  # no -std: torch's headers pick their own standard
@@ -62,12 +92,11 @@ def extension_build() -> dict:
         extensions.append(CUDAExtension(
             "megaswift._kernels_cuda", [f"{csrc}/cross_entropy_cuda.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
-        print(f"megaswift setup.py: building CUDA kernels with {cuda_home} for "
-              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+        note(f"building CUDA kernels with {cuda_home} for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     elif cuda_wanted == "1":
         sys.exit(f"megaswift setup.py: MEGASWIFT_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
     else:
-        print(f"megaswift setup.py: CUDA kernels not built: {reason}", file=sys.stderr)
+        note(f"CUDA kernels not built: {reason}")
     return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildExtension}}
 
 

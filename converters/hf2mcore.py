@@ -7,6 +7,7 @@
 """
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from converters.mcore_writer import write_mcore_checkpoint
 from converters.output_dir import atomic_output_dir, check_output_dir
 from converters.rules import dims_of
 from converters.transforms import empty_placed
+from megaswift.checkpointing.integrity import FILES_KEY, record_files
 from megaswift.checkpointing.layout import copy_hf_assets, iteration_dir, write_latest, write_meta
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,13 +107,14 @@ def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, 
         bar.update()
         return tensor.to(dtypes[target.name])
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    needed = sum(math.prod(t.shape) * dtypes[t.name].itemsize for t in layout.tensors.values())
+    with atomic_output_dir(out_dir, overwrite, needed_bytes=needed) as tmp:
         ckpt = iteration_dir(tmp, 0)
         write_mcore_checkpoint(ckpt, layout, dtypes, produce)
         bar.close()
         check_consumed_once(reader.reads, {k for m in mappings for k in m.hf} | redundant, where=str(hf_dir))
         reader.close()
-        write_meta(ckpt, {"iteration": 0, "hf_config": hf, "contents": ["model"],
+        write_meta(ckpt, {"iteration": 0, "hf_config": hf, "contents": ["model"], FILES_KEY: record_files(ckpt),
                           "config": {"model": {"hf_config": None, "preset": None, "overrides": {}}}})
         copy_hf_assets(hf_dir, ckpt / "hf_assets")
         report = {}

@@ -157,37 +157,46 @@ inline int64_t local_label(int64_t label, int64_t vocab_start, int64_t vocab, in
   return (label != ignore_index && local >= 0 && local < vocab) ? local : -1;
 }
 
+// Rows are `vocab` apart; only their first `valid` columns are real vocabulary (the rest is padding).
 template <typename T>
-void partials_all_rows(const T* x, const int64_t* labels, int64_t tokens, int64_t vocab, int64_t vocab_start,
-                       int64_t ignore_index, float* row_max, float* sum_exp, float* target) {
+void partials_all_rows(const T* x, const int64_t* labels, int64_t tokens, int64_t vocab, int64_t valid,
+                       int64_t vocab_start, int64_t ignore_index, float* row_max, float* sum_exp, float* target) {
   const int threads = at::get_num_threads();  // honours torch.set_num_threads
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < tokens; ++i) {
     const T* row = x + i * vocab;
-    row_partials_any(row, vocab, row_max + i, sum_exp + i);
-    const int64_t l = local_label(labels[i], vocab_start, vocab, ignore_index);
+    if (valid > 0) {
+      row_partials_any(row, valid, row_max + i, sum_exp + i);
+    } else {  // a shard of padding only: adds nothing to the softmax
+      row_max[i] = -std::numeric_limits<float>::infinity();
+      sum_exp[i] = 0.0f;
+    }
+    const int64_t l = local_label(labels[i], vocab_start, valid, ignore_index);
     target[i] = l >= 0 ? load_float(row[l]) : 0.0f;
   }
 }
 
 template <typename T>
 void backward_all_rows(const T* x, T* out, const int64_t* labels, const float* lse, const float* scale,
-                       int64_t tokens, int64_t vocab, int64_t vocab_start, int64_t ignore_index) {
+                       int64_t tokens, int64_t vocab, int64_t valid, int64_t vocab_start, int64_t ignore_index) {
   const int threads = at::get_num_threads();
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < tokens; ++i) {
-    const int64_t l = local_label(labels[i], vocab_start, vocab, ignore_index);
-    row_backward_any(x + i * vocab, out + i * vocab, vocab, lse[i], scale[i], l);
+    const int64_t l = local_label(labels[i], vocab_start, valid, ignore_index);
+    if (valid > 0) row_backward_any(x + i * vocab, out + i * vocab, valid, lse[i], scale[i], l);
+    std::fill(out + i * vocab + valid, out + (i + 1) * vocab, T(0.0f));  // padding: no gradient
   }
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t ignore_index) {
+    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t vocab_size,
+    int64_t ignore_index) {
   check_cross_entropy_args(logits, labels);
   const int64_t tokens = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK_VALUE(vocab > 0, "logits have an empty vocab dimension");
+  const int64_t valid = valid_columns(vocab, vocab_start, vocab_size);
   auto opts = logits.options().dtype(at::kFloat);
   at::Tensor row_max = at::empty({tokens}, opts), sum_exp = at::empty({tokens}, opts),
              target = at::empty({tokens}, opts);
@@ -195,35 +204,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cpu(
   float *m = row_max.data_ptr<float>(), *s = sum_exp.data_ptr<float>(), *t = target.data_ptr<float>();
   switch (logits.scalar_type()) {
     case at::kFloat:
-      partials_all_rows(logits.data_ptr<float>(), lab, tokens, vocab, vocab_start, ignore_index, m, s, t);
+      partials_all_rows(logits.data_ptr<float>(), lab, tokens, vocab, valid, vocab_start, ignore_index, m, s, t);
       break;
     case at::kBFloat16:
-      partials_all_rows(logits.data_ptr<c10::BFloat16>(), lab, tokens, vocab, vocab_start, ignore_index, m, s, t);
+      partials_all_rows(logits.data_ptr<c10::BFloat16>(), lab, tokens, vocab, valid, vocab_start, ignore_index, m, s,
+                        t);
       break;
     default:
-      partials_all_rows(logits.data_ptr<c10::Half>(), lab, tokens, vocab, vocab_start, ignore_index, m, s, t);
+      partials_all_rows(logits.data_ptr<c10::Half>(), lab, tokens, vocab, valid, vocab_start, ignore_index, m, s, t);
   }
   return {row_max, sum_exp, target};
 }
 
 at::Tensor& cross_entropy_backward_cpu_(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                                        const at::Tensor& scale, int64_t vocab_start, int64_t ignore_index,
-                                        at::Tensor& out) {
+                                        const at::Tensor& scale, int64_t vocab_start, int64_t vocab_size,
+                                        int64_t ignore_index, at::Tensor& out) {
   check_backward_args(logits, labels, lse, scale, out);
   const int64_t tokens = logits.size(0), vocab = logits.size(1);
+  const int64_t valid = valid_columns(vocab, vocab_start, vocab_size);
   const int64_t* lab = labels.data_ptr<int64_t>();
   const float *l = lse.data_ptr<float>(), *s = scale.data_ptr<float>();
   switch (logits.scalar_type()) {
     case at::kFloat:
-      backward_all_rows(logits.data_ptr<float>(), out.data_ptr<float>(), lab, l, s, tokens, vocab, vocab_start,
-                        ignore_index);
+      backward_all_rows(logits.data_ptr<float>(), out.data_ptr<float>(), lab, l, s, tokens, vocab, valid,
+                        vocab_start, ignore_index);
       break;
     case at::kBFloat16:
       backward_all_rows(logits.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), lab, l, s, tokens, vocab,
-                        vocab_start, ignore_index);
+                        valid, vocab_start, ignore_index);
       break;
     default:
-      backward_all_rows(logits.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), lab, l, s, tokens, vocab,
+      backward_all_rows(logits.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), lab, l, s, tokens, vocab, valid,
                         vocab_start, ignore_index);
   }
   return out;

@@ -1,6 +1,8 @@
 // CUDA cross-entropy partials and in-place backward. One block per row; each thread walks its
 // share of the row once with an online softmax (running max and rescaled sum, fp32), 16-byte
 // vector loads where the row is aligned, then the block merges the (max, sum) pairs.
+// Rows are `vocab` apart; only their first `valid` columns are real vocabulary (valid_columns in
+// ops.h): the rest is megatron's padding, left out of the softmax and given a zero gradient.
 // Registers CUDA kernels for the megaswift:: ops that megaswift._kernels_cpu defines.
 #include <Python.h>
 #include <ATen/ATen.h>
@@ -85,7 +87,7 @@ __device__ __forceinline__ void online_update(const float (&v)[N], float& m, flo
 
 template <typename T>
 __global__ void partials_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels, int64_t vocab,
-                                int64_t vocab_start, int64_t ignore, float* __restrict__ row_max,
+                                int64_t valid, int64_t vocab_start, int64_t ignore, float* __restrict__ row_max,
                                 float* __restrict__ sum_exp, float* __restrict__ target) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * vocab;
@@ -93,7 +95,7 @@ __global__ void partials_kernel(const T* __restrict__ logits, const int64_t* __r
   int64_t done = 0;
   if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     constexpr int kVec = Pack<T>::kSize;
-    const int64_t packs = vocab / kVec;
+    const int64_t packs = valid / kVec;
     const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(x);
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       const Pack<T> pk = xp[p];
@@ -104,7 +106,7 @@ __global__ void partials_kernel(const T* __restrict__ logits, const int64_t* __r
     }
     done = packs * kVec;
   }
-  for (int64_t j = done + threadIdx.x; j < vocab; j += blockDim.x) {
+  for (int64_t j = done + threadIdx.x; j < valid; j += blockDim.x) {
     const float v[1] = {static_cast<float>(x[j])};
     online_update<T>(v, m, s);
   }
@@ -112,22 +114,22 @@ __global__ void partials_kernel(const T* __restrict__ logits, const int64_t* __r
   if (threadIdx.x == 0) {
     row_max[row] = m;
     sum_exp[row] = s;
-    const int64_t l = local_label(labels[row], vocab_start, vocab, ignore);
+    const int64_t l = local_label(labels[row], vocab_start, valid, ignore);
     target[row] = l >= 0 ? static_cast<float>(x[l]) : 0.0f;
   }
 }
 
-// out = (exp(x - lse) - onehot) * scale; `out` may alias `logits` (each element is read, then
+// out = (exp(x - lse) - onehot) * scale, 0 past `valid`; `out` may alias `logits` (each element is read, then
 // written, by the same thread), so neither pointer is __restrict__.
 template <typename T>
 __global__ void backward_kernel(const T* logits, T* out, const int64_t* __restrict__ labels,
                                 const float* __restrict__ lse, const float* __restrict__ scale, int64_t vocab,
-                                int64_t vocab_start, int64_t ignore) {
+                                int64_t valid, int64_t vocab_start, int64_t ignore) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * vocab;
   T* o = out + row * vocab;
   const float sc = scale[row], row_lse = lse[row];
-  const int64_t l = local_label(labels[row], vocab_start, vocab, ignore);
+  const int64_t l = local_label(labels[row], vocab_start, valid, ignore);
   const bool zero = sc == 0.0f;  // ignored or zero-weight token: write zeros, skip the reads
   int64_t done = 0;
   if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(o) % 16 == 0) {
@@ -142,8 +144,9 @@ __global__ void backward_kernel(const T* logits, T* out, const int64_t* __restri
         const Pack<T> pk = reinterpret_cast<const Pack<T>*>(x)[p];
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const float g = exp_for<T>(static_cast<float>(pk.v[e]) - row_lse) * sc;
-          r.v[e] = T(p * kVec + e == l ? g - sc : g);
+          const int64_t j = p * kVec + e;
+          const float g = j < valid ? exp_for<T>(static_cast<float>(pk.v[e]) - row_lse) * sc : 0.0f;
+          r.v[e] = T(j == l ? g - sc : g);
         }
       }
       reinterpret_cast<Pack<T>*>(o)[p] = r;
@@ -151,7 +154,7 @@ __global__ void backward_kernel(const T* logits, T* out, const int64_t* __restri
     done = packs * kVec;
   }
   for (int64_t j = done + threadIdx.x; j < vocab; j += blockDim.x) {
-    const float g = zero ? 0.0f : exp_for<T>(static_cast<float>(x[j]) - row_lse) * sc;
+    const float g = (zero || j >= valid) ? 0.0f : exp_for<T>(static_cast<float>(x[j]) - row_lse) * sc;
     o[j] = T(j == l ? g - sc : g);
   }
 }
@@ -159,29 +162,32 @@ __global__ void backward_kernel(const T* logits, T* out, const int64_t* __restri
 int threads_for(int64_t vocab) { return vocab >= 8192 ? 512 : 128; }
 
 template <typename T>
-void launch_partials(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t ignore,
-                     at::Tensor& m, at::Tensor& s, at::Tensor& t) {
+void launch_partials(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t valid,
+                     int64_t ignore, at::Tensor& m, at::Tensor& s, at::Tensor& t) {
   const int64_t tokens = logits.size(0), vocab = logits.size(1);
   partials_kernel<T><<<tokens, threads_for(vocab), 0, c10::cuda::getCurrentCUDAStream()>>>(
-      logits.data_ptr<T>(), labels.data_ptr<int64_t>(), vocab, vocab_start, ignore, m.data_ptr<float>(),
+      logits.data_ptr<T>(), labels.data_ptr<int64_t>(), vocab, valid, vocab_start, ignore, m.data_ptr<float>(),
       s.data_ptr<float>(), t.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                     const at::Tensor& scale, int64_t vocab_start, int64_t ignore, at::Tensor& out) {
+                     const at::Tensor& scale, int64_t vocab_start, int64_t valid, int64_t ignore,
+                     at::Tensor& out) {
   const int64_t tokens = logits.size(0), vocab = logits.size(1);
   backward_kernel<T><<<tokens, threads_for(vocab), 0, c10::cuda::getCurrentCUDAStream()>>>(
       logits.data_ptr<T>(), out.data_ptr<T>(), labels.data_ptr<int64_t>(), lse.data_ptr<float>(),
-      scale.data_ptr<float>(), vocab, vocab_start, ignore);
+      scale.data_ptr<float>(), vocab, valid, vocab_start, ignore);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t ignore_index) {
+    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t vocab_size,
+    int64_t ignore_index) {
   check_cross_entropy_args(logits, labels);
   TORCH_CHECK_VALUE(logits.size(1) > 0, "logits have an empty vocab dimension");
+  const int64_t valid = valid_columns(logits.size(1), vocab_start, vocab_size);
   TORCH_CHECK_VALUE(logits.size(0) < (int64_t{1} << 31), "at most 2^31 - 1 tokens per call, found ", logits.size(0));
   c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options().dtype(at::kFloat);
@@ -189,26 +195,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cuda(
   at::Tensor m = at::empty({tokens}, opts), s = at::empty({tokens}, opts), t = at::empty({tokens}, opts);
   if (tokens == 0) return {m, s, t};
   switch (logits.scalar_type()) {
-    case at::kFloat: launch_partials<float>(logits, labels, vocab_start, ignore_index, m, s, t); break;
-    case at::kBFloat16: launch_partials<at::BFloat16>(logits, labels, vocab_start, ignore_index, m, s, t); break;
-    default: launch_partials<at::Half>(logits, labels, vocab_start, ignore_index, m, s, t);
+    case at::kFloat: launch_partials<float>(logits, labels, vocab_start, valid, ignore_index, m, s, t); break;
+    case at::kBFloat16:
+      launch_partials<at::BFloat16>(logits, labels, vocab_start, valid, ignore_index, m, s, t);
+      break;
+    default: launch_partials<at::Half>(logits, labels, vocab_start, valid, ignore_index, m, s, t);
   }
   return {m, s, t};
 }
 
 at::Tensor& cross_entropy_backward_cuda_(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                                         const at::Tensor& scale, int64_t vocab_start, int64_t ignore_index,
-                                         at::Tensor& out) {
+                                         const at::Tensor& scale, int64_t vocab_start, int64_t vocab_size,
+                                         int64_t ignore_index, at::Tensor& out) {
   check_backward_args(logits, labels, lse, scale, out);
+  const int64_t valid = valid_columns(logits.size(1), vocab_start, vocab_size);
   TORCH_CHECK_VALUE(logits.size(0) < (int64_t{1} << 31), "at most 2^31 - 1 tokens per call, found ", logits.size(0));
   c10::cuda::CUDAGuard guard(logits.device());
   if (logits.size(0) == 0) return out;
   switch (logits.scalar_type()) {
-    case at::kFloat: launch_backward<float>(logits, labels, lse, scale, vocab_start, ignore_index, out); break;
+    case at::kFloat: launch_backward<float>(logits, labels, lse, scale, vocab_start, valid, ignore_index, out); break;
     case at::kBFloat16:
-      launch_backward<at::BFloat16>(logits, labels, lse, scale, vocab_start, ignore_index, out);
+      launch_backward<at::BFloat16>(logits, labels, lse, scale, vocab_start, valid, ignore_index, out);
       break;
-    default: launch_backward<at::Half>(logits, labels, lse, scale, vocab_start, ignore_index, out);
+    default: launch_backward<at::Half>(logits, labels, lse, scale, vocab_start, valid, ignore_index, out);
   }
   return out;
 }

@@ -6,15 +6,22 @@
 
 namespace megaswift {
 
-// Per row of a [tokens, vocab_local] vocab shard: (max, sum of exp(x - max), logit of the label
-// or 0 where the label is ignored or owned by another shard), all fp32 [tokens].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t ignore_index);
+// `vocab_size` is the true vocabulary size: a shard starting at global column `vocab_start` uses
+// only its columns below it (valid_columns); the rest are padding, outside the softmax.
 
-// out = (exp(logits - lse) - onehot(label)) * scale, row by row; `out` may alias `logits`.
+// Per row of a [tokens, vocab_local] vocab shard: (max, sum of exp(x - max), logit of the label
+// or 0 where the label is ignored or owned by another shard), all fp32 [tokens]. A shard of
+// padding only gives (-inf, 0, 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_partials_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t vocab_size,
+    int64_t ignore_index);
+
+// out = (exp(logits - lse) - onehot(label)) * scale, row by row, and exactly 0 on padding
+// columns; `out` may alias `logits`.
 at::Tensor& cross_entropy_backward_cpu_(const at::Tensor& logits, const at::Tensor& labels,
                                         const at::Tensor& lse, const at::Tensor& scale,
-                                        int64_t vocab_start, int64_t ignore_index, at::Tensor& out);
+                                        int64_t vocab_start, int64_t vocab_size, int64_t ignore_index,
+                                        at::Tensor& out);
 
 // First-fit decreasing: (items grouped by bin in placement order, bin offsets [num_bins + 1]).
 std::tuple<at::Tensor, at::Tensor> pack_first_fit_decreasing_cpu(const at::Tensor& lengths,
@@ -46,6 +53,13 @@ inline void check_backward_out(const at::Tensor& out, const at::Tensor& logits) 
                         out.is_contiguous() && out.device() == logits.device(),
                     "out must be a contiguous ", logits.scalar_type(), " tensor of shape ", logits.sizes(),
                     " on ", logits.device(), ", found ", out.scalar_type(), " ", out.sizes());
+}
+
+// How many columns of a shard of `vocab_local` columns starting at `vocab_start` are real vocabulary.
+inline int64_t valid_columns(int64_t vocab_local, int64_t vocab_start, int64_t vocab_size) {
+  TORCH_CHECK_VALUE(vocab_size > 0, "vocab_size must be positive (the true vocabulary size), found ", vocab_size);
+  const int64_t valid = vocab_size - vocab_start;
+  return valid < 0 ? 0 : (valid > vocab_local ? vocab_local : valid);
 }
 
 // Everything the backward ops (CPU and CUDA) check before touching memory.

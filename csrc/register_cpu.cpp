@@ -6,10 +6,11 @@
 #include "ops.h"
 
 TORCH_LIBRARY(megaswift, m) {
-  m.def("cross_entropy_partials(Tensor logits, Tensor labels, int vocab_start, int ignore_index)"
+  // vocab_size: the true vocabulary size; columns at or past it (megatron's padding) are ignored.
+  m.def("cross_entropy_partials(Tensor logits, Tensor labels, int vocab_start, int vocab_size, int ignore_index)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("cross_entropy_backward_(Tensor logits, Tensor labels, Tensor lse, Tensor scale, int vocab_start,"
-        " int ignore_index, Tensor(a!) out) -> Tensor(a!)");
+        " int vocab_size, int ignore_index, Tensor(a!) out) -> Tensor(a!)");
   m.def("pack_first_fit_decreasing(Tensor lengths, int capacity) -> (Tensor, Tensor)");
 }
 

@@ -7,12 +7,15 @@
         hf_assets/            tokenizer + generation config files, copied verbatim (for export)
 
 A checkpoint is written to `iter_0000006.tmp-<nonce>/` and renamed into place when complete; `latest` is
-then replaced atomically. A crash mid-save therefore leaves the previous checkpoint as `latest`.
+then replaced atomically. A crash mid-save therefore leaves the previous checkpoint as `latest`, and an
+orphaned temporary folder that the next run holding the folder's lock (lock.py) removes. The nonce makes two
+writers' temporaries distinct even where the lock cannot hold (a folder shared without working locks).
 The state dict keys: "model" (one GPTModel) or "model0", "model1", ... (virtual pipeline chunks) holding
 megatron-core's sharded_state_dict(); "optimizer", "scheduler", "iteration" when training state is saved.
 """
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -35,8 +38,58 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def temporary_dir(final: Path) -> Path:
-    return final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+# Leftovers of an interrupted save: `iter_N.tmp-<nonce>` (and `iter_N.tmp` from before nonces), and the
+# temporary file write_latest renames over `latest`.
+_TEMPORARY_NAME = re.compile(r"^(iter_\d{7}\.tmp(-[0-9a-f]+)?|\." + LATEST_FILE + r"\.[0-9a-f]+)$")
+_ITERATION_NAME = re.compile(r"^iter_(\d{7})$")
+
+
+def new_nonce() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def temporary_dir(final: Path, nonce: str | None = None) -> Path:
+    return final.with_name(f"{final.name}.tmp-{nonce or new_nonce()}")
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for what an unfinished save leaves in a checkpoint root (a temporary folder or `latest` file)."""
+    return bool(_TEMPORARY_NAME.match(name))
+
+
+def remove_orphaned_temporaries(root: str | Path) -> list[Path]:
+    """Deletes what interrupted saves left in `root`; returns what was removed. Only the holder of the
+    folder's lock may call this: anyone else could delete a running save's folder."""
+    root = Path(root)
+    removed = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if is_temporary_name(entry.name):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def complete_iterations(root: str | Path) -> list[int]:
+    """Iterations in `root` whose folder is complete (renamed into place, with its META_FILE), oldest first."""
+    root = Path(root)
+    found = []
+    for entry in root.iterdir() if root.is_dir() else []:
+        match = _ITERATION_NAME.match(entry.name)
+        if match and (entry / META_FILE).is_file():
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def previous_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete iter_* folder beside `ckpt_dir` with a smaller iteration, or None."""
+    match = _ITERATION_NAME.match(ckpt_dir.name)
+    if not match:
+        return None
+    older = [i for i in complete_iterations(ckpt_dir.parent) if i < int(match.group(1))]
+    return iteration_dir(ckpt_dir.parent, older[-1]) if older else None
 
 
 def read_latest(root: str | Path) -> int | None:

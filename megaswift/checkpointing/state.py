@@ -1,7 +1,8 @@
 """Save and load training state with megatron-core dist_checkpointing (torch_dist, reshardable).
 
-Saving is collective: every rank writes its shards into `iter_N.tmp/`; rank 0 then records the
-metadata, renames the folder into place and only then moves `latest` (see layout.py).
+Saving is collective: every rank writes its shards into `iter_N.tmp-<nonce>/` (the nonce from rank 0);
+rank 0 then records the metadata (with each file's size and CRC32, integrity.py), renames the folder into
+place and only then moves `latest` (see layout.py). Loading first checks those sums (checkpoint.verify).
 
 The distributed optimizer's state is saved as `fully_reshardable` (megatron-core 0.19.2): moments and
 main params in model-parameter shapes, keyed like the weights, so a resume may change TP, PP, VPP, EP,
@@ -27,11 +28,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, iteration_dir, read_meta,
-                                            write_latest, write_meta)
+from megaswift.checkpointing import collective
+from megaswift.checkpointing.collective import broadcast_from_rank0, on_rank0_agreed
+from megaswift.checkpointing.integrity import (FILES_KEY, check_weights_finite, intact_checkpoint,
+                                               read_naming_damage, record_files)
+from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, iteration_dir, read_latest,
+                                            read_meta, temporary_dir, write_latest, write_meta)
+from megaswift.checkpointing.space import free_bytes, human_bytes, is_disk_full, not_enough_space
+from megaswift.checkpointing.param_groups import adopt_current_param_groups
+from megaswift.checkpointing.rng import RngLoad, sharded_rng_state
 
 SHARDING_TYPE_KEY = "distrib_optim_sharding_type"
 RESHARDABLE_TYPE = "fully_reshardable"
@@ -77,32 +87,96 @@ def _barrier():
 
 def save_checkpoint(root: str | Path, iteration: int, chunks: list, optimizer, scheduler, meta: dict,
                     hf_assets_source: str | None = None) -> Path:
-    """Writes iter_N/ atomically and points `latest` at it; returns the final folder."""
+    """Writes iter_N/ atomically and points `latest` at it; returns the final folder. Refuses non-finite
+    weights and a save that cannot fit; a disk that fills mid-save is a CheckpointError naming the folder.
+    On any failure the unfinished folder is removed and `latest` keeps naming the previous checkpoint."""
+    check_weights_finite(chunks, iteration)
     final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")  # one name on every rank; a stale one is from a crash
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    # Every rank writes into the folder rank 0 names: a fresh nonce, so no other writer's folder is touched.
+    tmp = Path(broadcast_from_rank0(str(temporary_dir(final)) if collective.rank() == 0 else None))
     state = sharded_training_state(chunks, optimizer, sharding_type=SAVED_SHARDING_TYPE)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if rank == 0:
+    state.update(sharded_rng_state())  # per rank: a resume with dropout draws what a straight run would
+    needed = checkpoint_bytes(root, state)
+    on_rank0_agreed(lambda: _make_room(tmp, needed, iteration), CheckpointError)
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        files = record_files(tmp)
         contents = [*model_state_keys(chunks)] + (["optimizer", "scheduler"] if optimizer is not None else [])
         sharding = {SHARDING_TYPE_KEY: SAVED_SHARDING_TYPE, OPTIMIZER_PARTS_KEY: len(_inner_optimizers(optimizer))} \
             if is_distributed_optimizer(optimizer) else {}
-        write_meta(tmp, {**meta, **sharding, "iteration": iteration, "contents": contents})
+        full_meta = {**meta, **sharding, "iteration": iteration, "contents": contents, FILES_KEY: files}
+        on_rank0_agreed(lambda: _finish_save(tmp, final, full_meta, hf_assets_source, needed), CheckpointError)
+    except BaseException as error:
+        full = is_disk_full(error, tmp)
+        if collective.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full and not isinstance(error, CheckpointError):
+            raise CheckpointError(_disk_full_message(tmp, iteration, needed)) from error
+        raise
+    _barrier()
+    return final
+
+
+def _make_room(tmp: Path, needed: int, iteration: int) -> None:
+    shortage = not_enough_space(tmp.parent, needed)
+    if shortage:
+        raise CheckpointError(f"not saving checkpoint iteration {iteration}: {shortage} (estimated from the "
+                              f"tensors to save and the previous checkpoint). {_MAKE_ROOM}")
+    tmp.mkdir(parents=True)
+
+
+_MAKE_ROOM = ("Free space there (checkpoint.keep_last N keeps only the newest N checkpoints) or point "
+              "checkpoint.save at a larger disk, then rerun the same command to resume from `latest`")
+
+
+def _disk_full_message(tmp: Path, iteration: int, needed: int) -> str:
+    return (f"the disk holding {tmp.parent} ran out of space while writing checkpoint iteration {iteration} "
+            f"into {tmp.name}: {human_bytes(free_bytes(tmp.parent))} free now that the unfinished folder is "
+            f"removed; this checkpoint needs about {human_bytes(needed)}. `latest` still names the previous "
+            f"checkpoint. {_MAKE_ROOM}")
+
+
+def _finish_save(tmp: Path, final: Path, meta: dict, hf_assets_source, needed: int) -> None:
+    """Rank 0: records the metadata, renames the folder into place, and only then moves `latest`."""
+    try:
+        write_meta(tmp, meta)
         copy_hf_assets(hf_assets_source, tmp / HF_ASSETS)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        write_latest(root, iteration)
-    _barrier()
-    return final
+        write_latest(final.parent, meta["iteration"])
+    except OSError as e:
+        if is_disk_full(e, tmp.parent):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_disk_full_message(tmp, meta["iteration"], needed)) from e
+        raise
+
+
+def checkpoint_bytes(root: str | Path, state: dict) -> int:
+    """About how many bytes a save of `state` writes: the tensors' bytes (main replicas only, summed over
+    ranks), or the previous checkpoint's size in `root` where that is larger (it counts the file overhead)."""
+    local = sum(t.data.nbytes for t in nested_values(state) if isinstance(t, (ShardedTensor, ShardedTensorFactory))
+                and torch.is_tensor(t.data) and is_main_replica(t.replica_id))
+    total = torch.tensor([float(local)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+    return max(int(total.item()), previous_checkpoint_bytes(root))
+
+
+def previous_checkpoint_bytes(root: str | Path) -> int:
+    try:
+        latest = read_latest(root)
+    except CheckpointError:
+        return 0
+    if latest is None:
+        return 0
+    records = read_meta(iteration_dir(root, latest)).get(FILES_KEY) or {}
+    return sum(record["size"] for record in records.values())
 
 
 def restore_adam_steps(optimizer) -> None:
@@ -202,6 +276,7 @@ def load_optimizer_state(optimizer, loaded: dict, sharding_type: str) -> None:
     parts = [loaded] if len(inners) == 1 else [loaded[index] for index in sorted(loaded)]
     param_states = [part.pop("param_state", None) if sharding_type == RESHARDABLE_TYPE else None
                     for part in parts]
+    adopt_current_param_groups(inners, parts)  # a changed train.lr etc. wins over the saved one
     with torch.no_grad():
         optimizer.load_state_dict(loaded)
         for inner, param_state in zip(inners, param_states):
@@ -213,9 +288,12 @@ def load_optimizer_state(optimizer, loaded: dict, sharding_type: str) -> None:
     restore_adam_steps(optimizer)
 
 
-def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, scheduler=None) -> int:
-    """Loads model weights (and optimizer/scheduler when given); returns the checkpoint's iteration."""
-    ckpt_dir = Path(ckpt_dir)
+def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, scheduler=None, verify: bool = True,
+                    fallback: bool = False) -> int:
+    """Loads model weights (and optimizer/scheduler when given); returns the checkpoint's iteration. `verify`
+    checks the files against their recorded sums first; `fallback` then loads the previous complete
+    checkpoint instead of a damaged one (the iteration returned is the one loaded)."""
+    ckpt_dir = intact_checkpoint(Path(ckpt_dir), fallback) if verify else Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     saved_chunks = [c for c in meta.get("contents", []) if c.startswith("model")]
     if optimizer is not None and "optimizer" not in meta.get("contents", []):
@@ -232,13 +310,18 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
     if optimizer is not None:
         prime_optimizer_state(optimizer)
     state = sharded_training_state(chunks, optimizer, is_loading=True, sharding_type=sharding_type)
+    rng = read_naming_damage(lambda: RngLoad(ckpt_dir), ckpt_dir) if optimizer is not None else None  # a full resume continues the random draws
+    state.update(rng.request() if rng else {})
     # Virtual-pipeline chunks hold layer subsets; on disk every layer has a global key, so any chunking loads.
     # Unexpected keys are fine (a weights-only load skips the optimizer's); a missing key fails the load.
-    loaded = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    loaded = read_naming_damage(
+        lambda: dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED), ckpt_dir)
     for key, chunk in zip(model_state_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"], sharding_type)
         if scheduler is not None:
-            scheduler.load_state_dict(dist_checkpointing.load_common_state_dict(str(ckpt_dir))["scheduler"])
+            common = read_naming_damage(lambda: dist_checkpointing.load_common_state_dict(str(ckpt_dir)), ckpt_dir)
+            scheduler.load_state_dict(common["scheduler"])
+        rng.restore(loaded, (meta.get("config") or {}).get("train", {}).get("seed", 0), int(meta["iteration"]))
     return int(meta["iteration"])

@@ -3,20 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import json
 import platform
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _importable(module: str) -> str:
@@ -31,6 +23,7 @@ def environment_report() -> dict:
     import torch
 
     from megaswift.kernels import kernel_report
+    from megaswift.platform.versions import installed_version
 
     cuda = torch.cuda.is_available()
     return {
@@ -40,8 +33,11 @@ def environment_report() -> dict:
         "cuda_available": cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cpu_threads": torch.get_num_threads(),
-        "megatron_core": _version("megatron-core"),
-        "transformers": _version("transformers"),
+        "megaswift": installed_version("megaswift"),
+        # the installed distribution's version: megatron.core.__version__ appends the git commit of whatever
+        # checkout its folder lies in (this repository, for a venv inside it)
+        "megatron_core": installed_version("megatron-core"),
+        "transformers": installed_version("transformers"),
         "transformer_engine_importable": _importable("transformer_engine.pytorch"),
         "apex_importable": _importable("apex"),
         "kernels": kernel_report(),

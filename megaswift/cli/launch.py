@@ -26,13 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "SIGTERM is passed to them instead, to save and stop")
     add("--allow-loopback-rdzv", action="store_true",
         help="allow a multi-node rendezvous on a loopback address: only when every node is this machine")
-    add("--dry-run", action="store_true", help="print the plan and the torchrun command; start nothing")
+    add("--dry-run", action="store_true",
+        help="check the command (a megaswift pt/sft command: its settings and layout for this world size), print "
+             "the plan and the torchrun command; start nothing")
     add("program", nargs=argparse.REMAINDER, metavar="-- COMMAND",
         help="after `--`: `megaswift pt --config run.yaml`, `script.py ARGS` or `-m module ARGS`")
 
 
 def run(args: argparse.Namespace) -> int:
     from launchers import LaunchError, LaunchFlags, execute, plan_launch
+    from megaswift.cli.preflight import PreflightError, check_launched_command
 
     flags = LaunchFlags(command=args.program, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
@@ -40,12 +43,19 @@ def run(args: argparse.Namespace) -> int:
                         shutdown_timeout=args.shutdown_timeout, allow_loopback=args.allow_loopback_rdzv)
     try:
         plan = plan_launch(os.environ, flags)
+        # the settings and layout the processes would find wrong, found once, before any of them starts
+        checked = check_launched_command(plan.program, plan.world_size)
         if args.dry_run:
             print(plan.describe())
+            if checked:
+                print(f"  {checked}")
             print(" ".join(plan.torchrun_argv()))
             return 0
-        execute(plan)  # does not return: the process becomes torchrun
+        execute(plan, checked)  # does not return: the process becomes torchrun
     except LaunchError as e:
         print(f"megaswift launch: error: {e}", file=sys.stderr)
+        return 2
+    except PreflightError as e:
+        sys.stderr.write(f"{e} (megaswift launch checked this before starting any process)\n")
         return 2
     return 0

@@ -16,25 +16,62 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(argv_command: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The top-level parser and its subcommand parsers by name."""
     parser = argparse.ArgumentParser(prog="megaswift", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parsers = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        parsers[name] = sp = sub.add_parser(name, help=help_text, description=help_text)
         if name == argv_command:  # only the chosen subcommand pays for its imports
             importlib.import_module(module_name).add_arguments(sp)
-    return parser
+    return parser, parsers
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
+def describe_unknown(unknown: list[str], known_flags: list[str]) -> str:
+    """`unknown flag --train.iters (did you mean --train.train_iters?)`; a value right after an unknown flag
+    is taken as that flag's value and not listed."""
+    from megaswift.config.flags import closest_names
+
+    items, after_flag = [], False
+    for arg in unknown:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            close = closest_names(name, known_flags)
+            items.append(f"{name} (did you mean {' or '.join(close)}?)" if close else name)
+            after_flag = "=" not in arg
+        elif not after_flag:
+            items.append(repr(arg))
+    flags = sum(a.startswith("-") for a in unknown)
+    return f"unknown {'flag' if flags == len(items) else 'argument'}{'s' if len(items) > 1 else ''} " + ", ".join(items)
+
+
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """Parses `megaswift COMMAND ...`; an unknown flag is reported by COMMAND (not by the top-level parser,
+    whose usage says nothing about it), with the closest known flags. Exits 2 on bad usage, as argparse does."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser, parsers = build_parser(command if command in SUBCOMMANDS else None)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        owner = parsers.get(args.command, parser)
+        defaults = " and its default" if args.command in ("pt", "sft") else ""
+        sys.stderr.write(f"{owner.prog}: error: {describe_unknown(unknown, _known_flags(owner))}\n"
+                         f"(`{owner.prog} --help` lists every flag{defaults})\n")
+        sys.exit(2)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    args = parse_command_line(argv)
     from megaswift.cli.quiet import silence_known_noise
     silence_known_noise()
     if args.command is None:
-        parser.print_help()
+        build_parser()[0].print_help()
         return 2
     return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0
 

@@ -1,33 +1,47 @@
 """`megaswift pt`: pre-train on Megatron indexed datasets (run it under torchrun for more than one process)."""
 import argparse
-import sys
 
-from megaswift.config import ConfigError, PretrainConfig
-from megaswift.config.flags import add_config_arguments
+from megaswift.cli.report import end_of_run, report_error
 from megaswift.cli.run_config import build_run_config
+from megaswift.config import PretrainConfig
+from megaswift.config.flags import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PretrainConfig)
 
 
+def prepare(args: argparse.Namespace, world_size: int | None = None):
+    """(config, trainer) after every check that needs no process group: the settings, the layout for
+    `world_size` processes (default: this run's), the checkpoint to start from, the data files.
+    `megaswift launch` runs it too, before starting any process."""
+    from megaswift.data.data_paths import check_data_paths
+    from megaswift.train.trainer import Trainer
+    config = build_run_config(PretrainConfig, args)
+    trainer = Trainer(config, data_source=None, world_size=world_size)
+    check_data_paths(config)
+    return config, trainer
+
+
 def run(args: argparse.Namespace) -> int:
     from megaswift.checkpointing.layout import CheckpointError
+    from megaswift.config import ConfigError
     from megaswift.data.pretrain import PretrainData, token_ids_from_tokenizer
-    from megaswift.train.trainer import Trainer, TrainingError
+    from megaswift.train.trainer import TrainingError
+    errors = (ConfigError, CheckpointError, TrainingError)
     try:
-        config = build_run_config(PretrainConfig, args)
-        trainer = Trainer(config, data_source=None)
+        config, trainer = prepare(args)
         t = config.train
         dp = trainer.dp_size
         valid_samples = t.eval_iters * t.micro_batch_size * dp if t.eval_interval else 0
         trainer.data_source = PretrainData(
             config.data, token_ids_from_tokenizer(config.data.tokenizer, trainer.hf["vocab_size"]), t.seed,
-            t.micro_batch_size, t.train_iters * t.global_batch_size, valid_samples)
+            t.micro_batch_size, trainer.train_samples(), valid_samples)
+    except errors as e:  # no process group yet: every rank found the same
+        return report_error("pt", e, same_on_every_rank=True)
+    try:
         result = trainer.run()
-    except (ConfigError, CheckpointError, TrainingError) as e:
-        print(f"megaswift pt: error: {e}", file=sys.stderr)
-        return 2
-    if result.stopped_by_signal:
-        print(f"megaswift pt: stopped by signal after step {result.last_step}; checkpoint saved", file=sys.stderr)
+    except errors as e:
+        return report_error("pt", e, same_on_every_rank=isinstance(e, TrainingError))
+    end_of_run("pt", config, result)
     return 0

@@ -4,7 +4,9 @@ Precedence: dataclass defaults < YAML file (`--config`) < flags. Unknown keys ar
 """
 import argparse
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -40,12 +42,15 @@ def _argparse_kwargs(tp) -> dict:
         return {"type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
     if origin in (list, tuple):
         (item,) = typing.get_args(tp)[:1] or (str,)
-        return {"type": item, "nargs": "+"}
+        return {"type": item, "nargs": "+", "metavar": _METAVARS.get(item, "VALUE")}
     if origin is dict or tp is dict:
         return {"type": json.loads, "metavar": "JSON"}
     if tp in (int, float, str):
-        return {"type": tp}
-    return {"type": str}
+        return {"type": tp, "metavar": _METAVARS[tp]}
+    return {"type": str, "metavar": "VALUE"}
+
+
+_METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
 
 
 def _sections(cls) -> dict[str, type]:
@@ -53,23 +58,81 @@ def _sections(cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def describe_default(value) -> str:
+    """A default as a user would write it in YAML or on the command line."""
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _help_with_default(help_text: str, default) -> str:
+    """Appends `(default: X)` unless the help already says what the default is. The defaults stay out of
+    argparse itself (SUPPRESS), so that only flags actually given override the YAML file."""
+    if re.search(r"\bdefault\b", help_text, re.IGNORECASE):
+        return help_text
+    return f"{help_text} (default: {describe_default(default)})".replace("%", "%%")  # argparse %-formats help
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Adds `--config FILE` and one `--section.field` flag per leaf field of the nested dataclass `cls`."""
-    parser.add_argument("--config", type=Path, help="YAML file with the same keys as the flags")
+    """Adds `--config FILE` and one `--section.field` flag per leaf field of the nested dataclass `cls`,
+    each with its help and default."""
+    parser.usage = "%(prog)s [--config FILE] [--SECTION.FIELD VALUE ...]  (--help lists every flag and its default)"
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file with the same keys as the flags")
+    defaults = cls()
     for section, section_cls in _sections(cls).items():
         group = parser.add_argument_group(section, (section_cls.__doc__ or "").strip().splitlines()[0])
         for name, tp in _sections(section_cls).items():
             field = next(f for f in dataclasses.fields(section_cls) if f.name == name)
-            help_text = field.metadata.get("help", "")
+            help_text = _help_with_default(field.metadata.get("help", ""), getattr(getattr(defaults, section), name))
             group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
                                help=help_text, **_argparse_kwargs(tp))
 
 
-def _build(cls, values: dict, where: str):
+def _words(text: str) -> set[str]:
+    return {w for w in re.split(r"[^a-z0-9]+", text.lower()) if w}
+
+
+def closest_names(typed: str, known: list[str], limit: int = 3) -> list[str]:
+    """Known names a typo most likely meant, best first, or [] when nothing is close. A name is close when
+    its last part shares a word with the typed one (`iters`) or it is spelled alike (difflib); among those,
+    the most words in common overall win (`--train.iters` -> `--train.train_iters`, whose words are all
+    typed, before `--train.eval_iters`), then spelling; names that only tie on words but are spelled
+    clearly worse than the best are left out."""
+    typed_words = _words(typed)
+    typed_last = _words(typed.lstrip("-").split(".")[-1])
+
+    def score(name: str) -> tuple[float, float]:
+        words = _words(name)
+        return len(typed_words & words) / len(typed_words | words), \
+            difflib.SequenceMatcher(None, typed.lower(), name.lower()).ratio()
+
+    close = [(score(name), name) for name in known
+             if typed_last & _words(name.lstrip("-").split(".")[-1]) or score(name)[1] >= 0.75]
+    close.sort(reverse=True)
+    if not close:
+        return []
+    best = close[0][0]
+    return [name for s, name in close if s[0] == best[0] and s[1] >= best[1] - 0.05][:limit]
+
+
+def _build(cls, values: dict, where: str, section: str | None = None):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        # compared with the section's name in front: `train: {iters: 5}` means train_iters, not eval_iters
+        prefix = f"{section}." if section else ""
+        hints = "".join(f"; {key}: did you mean {' or '.join(c[len(prefix):] for c in close)}?"
+                        for key in sorted(unknown)
+                        if (close := closest_names(prefix + key, [prefix + k for k in sorted(known)])))
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}{hints}; allowed: {sorted(known)}")
     kwargs = {}
     for name, tp in _sections(cls).items():
         if name not in values:
@@ -78,7 +141,7 @@ def _build(cls, values: dict, where: str):
         if dataclasses.is_dataclass(inner):
             if not isinstance(values[name], dict):
                 raise ConfigError(f"{where}.{name}: expected a mapping, found {values[name]!r}")
-            kwargs[name] = _build(inner, values[name], f"{where}.{name}")
+            kwargs[name] = _build(inner, values[name], f"{where}.{name}", name)
         else:
             kwargs[name] = values[name]
     return cls(**kwargs)

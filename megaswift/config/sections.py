@@ -61,7 +61,13 @@ class TrainConfig:
     clip_grad: float = _help("clip the global gradient norm to this (0: off)", 1.0)
     precision: str = _help("bf16, fp16 or fp32 (auto: bf16 on a GPU that supports it, fp32 on CPU)", "auto")
     seed: int = _help("random seed", 1234)
-    on_nan: str = _help("what to do on a NaN/Inf loss: stop or skip (skip drops the step, counted in the log)", "stop")
+    on_nan: str = _help("a step whose loss or gradient norm is NaN/Inf is never applied; then stop (naming the step) "
+                        "or skip (its batch is consumed, the weights, optimizer and lr schedule stay as they were; "
+                        "counted as skipped_steps in the log)", "stop")
+    max_consecutive_skips: int = _help("with on_nan=skip: at most this many skipped steps in a row; one more stops "
+                                       "the run (0: no limit)", 5)
+    max_skipped_steps: int = _help("with on_nan=skip: at most this many skipped steps in this run; one more stops "
+                                   "the run (0: no limit)", 0)
     fused_loss: bool = _help("use megaswift.kernels' loss-scaled cross entropy", False)
     eval_interval: int = _help("evaluate every N steps (0: never)", 0)
     eval_iters: int = _help("micro-batches per evaluation and data-parallel rank", 2)
@@ -76,12 +82,22 @@ class CheckpointConfig:
     load: str | None = _help("checkpoint folder to resume or start from (default: save, if it has one)")
     finetune: bool = _help("load weights only: reset step, optimizer and schedule", False)
     save_initial: bool = _help("also save the weights before the first step (iter_0000000)", False)
+    verify: bool = _help("check the loaded checkpoint's files against the sizes and CRC32s recorded at save time",
+                         True)
+    fallback: bool = _help("when the checkpoint to load is damaged, load the newest earlier intact one instead of "
+                           "stopping", False)
+    keep_last: int = _help("keep only the newest N complete checkpoints in checkpoint.save, deleting older ones "
+                           "after each save (0: keep all)", 0)
+    keep_every: int = _help("with keep_last: also keep, forever, every checkpoint whose step is a multiple of M "
+                            "(0: none)", 0)
 
 
 @dataclass
 class LoggingConfig:
     """Where and how often to report progress."""
-    output_dir: str = _help("folder for metrics.jsonl, TensorBoard events and config.yaml", "runs/default")
+    output_dir: str | None = _help("folder for metrics.jsonl, TensorBoard events and config.yaml (the resolved "
+                                   "config of the run); default: <checkpoint.save>/logs, or a new "
+                                   "runs/<date-time> folder when nothing is saved")
     log_interval: int = _help("log every N steps", 1)
     tensorboard: bool = _help("write TensorBoard event files", True)
     progress_bar: bool = _help("show a progress bar on rank 0", True)

@@ -25,11 +25,21 @@ def validate_choices(values: dict[str, str]) -> None:
         _check(value in CHOICES[key], f"{key}={value!r} is not allowed; choose one of {list(CHOICES[key])}")
 
 
+def how_to_start(processes: int) -> str:
+    """How to run a training command in `processes` processes on one node."""
+    return (f"`torchrun --nproc-per-node {processes} -m megaswift pt ...` or `megaswift launch --nproc-per-node "
+            f"{processes} -- megaswift pt ...` (sft alike; docs/clusters.md for several nodes)")
+
+
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     model_parallel = parallel.tensor * parallel.pipeline * parallel.context
-    _check(world_size % model_parallel == 0,
-           f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
-           f"= {parallel.tensor} x {parallel.pipeline} x {parallel.context} = {model_parallel}")
+    if world_size % model_parallel:
+        multiples = ", ".join(str(model_parallel * k) for k in (1, 2, 3)) + ", ..."
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
+            f"= {parallel.tensor} x {parallel.pipeline} x {parallel.context} = {model_parallel}: this run has "
+            f"{world_size} process{'es' if world_size > 1 else ''} and needs {multiples}; start "
+            f"{model_parallel} with {how_to_start(model_parallel)}")
     return world_size // model_parallel
 
 

@@ -1,6 +1,7 @@
 """Pre-training data: megatron-core's blended GPT datasets over indexed (.bin/.idx) files, cut into
 micro-batches per data-parallel rank (see micro_batches.py for the sample order, which makes resumes and
-layout changes reproducible)."""
+layout changes reproducible). The files, split sizes and token ids are checked when the data source is
+made, before any model is built (indexed_checks.py)."""
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,15 +9,18 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megaswift.config import ConfigError, DataConfig
+from megaswift.data.indexed_checks import check_split_sizes, check_token_ids
 from megaswift.data.micro_batches import SplitIterators
 
 
 @dataclass(frozen=True)
 class TokenIds:
-    """The token facts megatron-core's GPT dataset needs (it reads .eod, .pad and .vocab_size)."""
+    """The token facts megatron-core's GPT dataset needs (it reads .eod, .pad and .vocab_size), and the
+    model's true vocabulary size, which every token id of the data must stay below."""
     eod: int
     pad: int
     vocab_size: int
+    model_vocab_size: int | None = None  # not part of the cache key: it does not change the samples
 
     @property
     def unique_identifiers(self) -> dict:  # part of megatron-core's dataset cache key
@@ -25,14 +29,14 @@ class TokenIds:
 
 def token_ids_from_tokenizer(tokenizer_dir: str | None, model_vocab_size: int) -> TokenIds:
     if tokenizer_dir is None:
-        return TokenIds(eod=0, pad=-1, vocab_size=model_vocab_size)
+        return TokenIds(eod=0, pad=-1, vocab_size=model_vocab_size, model_vocab_size=model_vocab_size)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) > model_vocab_size:
         raise ConfigError(f"data.tokenizer {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "
                           f"vocab_size={model_vocab_size}")
     eod = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return TokenIds(eod=eod, pad=-1, vocab_size=len(tokenizer))
+    return TokenIds(eod=eod, pad=-1, vocab_size=len(tokenizer), model_vocab_size=model_vocab_size)
 
 
 def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
@@ -78,6 +82,11 @@ class PretrainData(SplitIterators):
         self.data, self.tokens, self.seed, self.micro = data, tokens, seed, micro_batch_size
         self.sizes = (train_samples, valid_samples, 0)
         self._datasets = None
+        prefixes, _ = parse_blend(data.paths)
+        check_split_sizes(prefixes, data.split, data.seq_length, valid_used=valid_samples > 0)
+        if tokens.model_vocab_size is not None:
+            cache = Path(data.cache_dir) / "max_token_id" if data.cache_dir else None
+            check_token_ids(prefixes, tokens.model_vocab_size, cache)
 
     def _splits(self):
         if self._datasets is None:

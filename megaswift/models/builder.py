@@ -6,6 +6,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from megaswift.models.mcore_config import gpt_model_kwargs
+from megaswift.models.vocab_padding import mask_padded_vocab
 
 
 def transformer_engine_available() -> bool:
@@ -32,7 +33,10 @@ def layer_spec(config: TransformerConfig, choice: str = "auto"):
 
 
 def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "auto") -> list[GPTModel]:
-    """One GPTModel per virtual pipeline stage held by this rank (a single one without VPP)."""
+    """One GPTModel per virtual pipeline stage held by this rank (a single one without VPP).
+
+    The chunk holding the output layer sets the padded vocabulary columns of its logits to -inf
+    (vocab_padding.py), so losses, gradients and returned logits are those of the true vocabulary."""
     vpp = config.virtual_pipeline_model_parallel_size or 1
     spec = layer_spec(config, spec_choice)
     kwargs = gpt_model_kwargs(hf, config.tensor_model_parallel_size)
@@ -44,5 +48,7 @@ def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             parallel_output=True, vp_stage=vp_stage, **kwargs)
+        if model.post_process:
+            mask_padded_vocab(model.output_layer, hf["vocab_size"], kwargs["vocab_size"])
         chunks.append(model)
     return chunks

@@ -37,6 +37,19 @@ def rope_parameters(hf: dict) -> dict:
     return params
 
 
+def dropout_fields(hf: dict) -> dict:
+    """HF's dropout probabilities: `attention_dropout` (attention probabilities, as megatron-core's) and
+    `hidden_dropout` (after attention and MLP, where a config has it; Llama/Qwen/Mistral configs have none
+    and apply none). Absent fields mean 0, as in transformers."""
+    fields = {}
+    for key in ("attention_dropout", "hidden_dropout"):
+        value = 0.0 if hf.get(key) is None else hf[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"HF config: {key}={value!r} must be a probability in [0, 1)")
+        fields[key] = float(value)
+    return fields
+
+
 def _moe_fields(hf: dict, family: Family) -> dict:
     if not family.moe:
         return {}
@@ -82,8 +95,7 @@ def hf_to_transformer_config(hf: dict, parallel: ParallelConfig, params_dtype: t
         add_bias_linear=False,
         add_qkv_bias=family.qkv_bias or bool(hf.get("attention_bias")),
         qk_layernorm=family.qk_norm,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        **dropout_fields(hf),
         init_method_std=init_std if init_std is not None else hf.get("initializer_range", 0.02),
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,

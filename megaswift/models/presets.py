@@ -12,9 +12,11 @@ _BASE = {
 
 
 def _tiny(**fields) -> dict:
-    """Tiny shapes for CPU tests and the README demo; vocab fits the tiny BPE tokenizer."""
+    """Tiny shapes for CPU tests and the README demo. The vocab holds the tiny BPE tokenizer's 1024 tokens
+    and is deliberately NOT a multiple of 128: megatron pads it (to 1152 at TP=1, 1280 at TP=2), so
+    conversion, training and export all meet vocabulary padding, as with most real tokenizers."""
     return {**_BASE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1030,
             "max_position_embeddings": 512, **fields}
 
 
@@ -22,14 +24,16 @@ _MOE_TINY = {"num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_
 
 PRESETS: dict[str, dict] = {
     "tiny-llama": _tiny(),
-    "tiny-llama3": _tiny(rope_scaling=dict(_LLAMA_3_ROPE, factor=8.0), tie_word_embeddings=True,
-                         rope_theta=500000.0),
+    # factor 32 as Llama-3.2 (megatron-core's default is 8: a dropped factor shows in the logit check).
+    "tiny-llama3": _tiny(rope_scaling=dict(_LLAMA_3_ROPE, factor=32.0), tie_word_embeddings=True,
+                         rope_theta=500000.0, vocab_size=1037),
     "tiny-mistral": _tiny(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
-    "tiny-qwen2": _tiny(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rms_norm_eps=1e-6),
+    "tiny-qwen2": _tiny(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rms_norm_eps=1e-6, vocab_size=1100),
     "tiny-qwen3": _tiny(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32, rms_norm_eps=1e-6),
     "tiny-mixtral": _tiny(architectures=["MixtralForCausalLM"], model_type="mixtral", **_MOE_TINY),
-    "tiny-qwen2-moe": _tiny(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=4,
-                            num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+    "tiny-qwen2-moe": _tiny(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", vocab_size=1100,
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=96,
                             norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
                             router_aux_loss_coef=0.0),
     "tiny-qwen3-moe": _tiny(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,

@@ -1,7 +1,7 @@
 """Where megaswift runs: the torch device and distributed backend, and CPU support for megatron-core."""
 import torch
 
-from megaswift.platform.cpu import apply_cpu_patches, cpu_device_mode
+from megaswift.platform.cpu import apply_cpu_patches, cpu_device_mode, cpu_patches
 
 
 def device() -> torch.device:
@@ -16,4 +16,4 @@ def dist_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-__all__ = ["apply_cpu_patches", "cpu_device_mode", "device", "dist_backend"]
+__all__ = ["apply_cpu_patches", "cpu_device_mode", "cpu_patches", "device", "dist_backend"]

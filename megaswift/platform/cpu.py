@@ -6,10 +6,14 @@ megatron-core call site. `PATCHES` maps names to patches so tests can apply and
 revert them one at a time, which is how we learn when an upgrade of
 megatron-core makes a patch unneeded (see tests/platform/).
 
-Call `apply_cpu_patches()` once per process, before megatron models or
-optimizers are built; it is a no-op on a machine with CUDA. It patches the
+Two ways to apply them, both no-ops on a machine with CUDA; both patch the
 attributes megatron-core looks up at call time (module globals, class
-attributes, `torch.cuda.*`), so it works before or after `import megatron.core`.
+attributes, `torch.cuda.*`), so they work before or after `import megatron.core`:
+- `with cpu_patches():` for library code (the converters): every patch it applied
+  is undone on exit, so a caller's torch is unchanged afterwards. Patches already
+  applied when it starts are left in place.
+- `apply_cpu_patches()` for megaswift's own entry points (a training process):
+  applied for the rest of the process, before models or optimizers are built.
 
 Thread note: the cuda->cpu device mapping is a torch function mode, and function
 modes are thread-local. `apply_cpu_patches()` enters it for the calling thread
@@ -129,11 +133,14 @@ def patch_cuda_device_mode() -> None:
     _UNDO["cuda_device_mode"].append(_exit_mode_for_this_thread)
 
 
-def _enter_mode_for_this_thread() -> None:
-    if threading.get_ident() not in _MODE_BY_THREAD:
-        mode = CudaToCpuMode()
-        mode.__enter__()  # stays on this thread's mode stack until reverted
-        _MODE_BY_THREAD[threading.get_ident()] = mode
+def _enter_mode_for_this_thread() -> bool:
+    """Pushes the mode on this thread's stack unless it is there; returns whether it pushed."""
+    if threading.get_ident() in _MODE_BY_THREAD:
+        return False
+    mode = CudaToCpuMode()
+    mode.__enter__()  # stays on this thread's mode stack until reverted
+    _MODE_BY_THREAD[threading.get_ident()] = mode
+    return True
 
 
 def _exit_mode_for_this_thread() -> None:
@@ -384,3 +391,27 @@ def apply_cpu_patches() -> bool:
     if "cuda_device_mode" in _UNDO:
         _enter_mode_for_this_thread()  # a later call from another thread gets the mode too
     return True
+
+
+@contextlib.contextmanager
+def cpu_patches():
+    """Applies every patch not applied yet (when CUDA is unavailable) for the body of the `with`, and
+    undoes exactly those on exit, including the function mode it entered in this thread. Yields
+    whether the patches are active. Library calls use this, so they leave the caller's process as
+    they found it; patches applied before (an entry point's apply_cpu_patches) stay."""
+    if torch.cuda.is_available():
+        yield False
+        return
+    added = [name for name in PATCHES if name not in _UNDO]
+    entered_mode = False
+    try:
+        for name in added:
+            PATCHES[name]()
+        # cuda_device_mode applied by another thread: this thread still needs its own mode
+        entered_mode = "cuda_device_mode" not in added and _enter_mode_for_this_thread()
+        yield True
+    finally:
+        if entered_mode:
+            _exit_mode_for_this_thread()
+        for name in reversed(added):
+            revert_patch(name)

@@ -4,6 +4,10 @@ The loss follows megatron-core's `calculate_per_token_loss` contract: return the
 losses and the number of label tokens; the schedule and `finalize_model_grads` divide by the total
 count over all micro-batches and data-parallel ranks, so the result is exactly
 sum(w * ce) / (label tokens) whatever the layout.
+
+Padded vocabulary columns (megatron's multiple of 128 x TP) are -inf in the logits already (the output
+layer's hook, megaswift/models/vocab_padding.py), which covers megatron-core's vocab-parallel cross
+entropy; the fused kernel is also given the true vocabulary size, so it never reads them at all.
 """
 import dataclasses
 from functools import partial
@@ -34,14 +38,15 @@ def _token_weights(batch: dict) -> torch.Tensor:
     return weights if batch.get("loss_scale") is None else weights * batch["loss_scale"].float()
 
 
-def loss_func(batch: dict, use_fused_loss: bool, output: torch.Tensor):
+def loss_func(batch: dict, use_fused_loss: bool, vocab_size: int | None, output: torch.Tensor):
     weights = _token_weights(batch)
     if use_fused_loss:
         # output: this rank's vocab shard of the logits, [b, s, v/tp]; one fused pass, weights included.
         from megaswift.kernels import loss_scaled_cross_entropy
         weighted = loss_scaled_cross_entropy(output.reshape(-1, output.shape[-1]), batch["labels"].reshape(-1),
                                              weights.reshape(-1),
-                                             tp_group=parallel_state.get_tensor_model_parallel_group())
+                                             tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                             vocab_size=vocab_size)
     else:
         weighted = output.float() * weights  # GPTModel already computed vocab-parallel CE: [b, s]
     loss_sum = weighted.sum()
@@ -50,12 +55,13 @@ def loss_func(batch: dict, use_fused_loss: bool, output: torch.Tensor):
     return loss_sum, num_tokens, {"loss": report}
 
 
-def make_forward_step(use_fused_loss: bool = False):
+def make_forward_step(use_fused_loss: bool = False, vocab_size: int | None = None):
+    """vocab_size: the model's true vocabulary size (the HF config's), without megatron's padding."""
     def forward_step(data_iterator, model):
         batch = batch_to_device(next(data_iterator))
         kwargs = {"labels": None if use_fused_loss else batch["labels"]}
         if "packed_seq_params" in batch:
             kwargs["packed_seq_params"] = batch["packed_seq_params"]
         output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **kwargs)
-        return output, partial(loss_func, batch, use_fused_loss)
+        return output, partial(loss_func, batch, use_fused_loss, vocab_size)
     return forward_step

@@ -1,4 +1,10 @@
-"""Progress reporting on rank 0: a console line, metrics.jsonl, TensorBoard events and a progress bar."""
+"""Progress reporting on rank 0: a console line, metrics.jsonl, TensorBoard events and a progress bar.
+
+A run that starts at step S (a resume, or a new run in a folder that holds an older one) keeps what earlier
+runs logged up to S and drops the rest, in metrics.jsonl and in TensorBoard (`purge_step`), so each step is
+there once. metrics.jsonl is strict JSON, one object per line: a NaN or infinite value is written as null.
+"""
+import datetime
 import json
 import math
 import sys
@@ -31,6 +37,47 @@ def flops_per_token(hf: dict, seq_length: int) -> float:
     return 6 * (layers * (attention + mlp) + logits) + 6 * layers * seq_length * heads * head_dim
 
 
+def default_output_dir(checkpoint_save: str | None) -> str:
+    """The run's own folder: beside its checkpoints (so a resumed run continues its own logs), else a new
+    runs/<date-time> folder (never one an earlier run wrote)."""
+    if checkpoint_save:
+        return str(Path(checkpoint_save) / "logs")
+    base = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder, suffix = base, 1
+    while folder.exists():
+        folder, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
+    return str(folder)
+
+
+def strict_json_values(record: dict) -> dict:
+    """JSON has no NaN or Infinity: such values become null."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
+def keep_records_up_to(path: Path, last_step: int) -> int:
+    """Rewrites metrics.jsonl without records past `last_step` (and without a line a crash cut short);
+    returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int, tensorboard: bool,
                  progress_bar: bool):
@@ -42,10 +89,12 @@ class MetricsLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # appended to across resumes
+        keep_records_up_to(out / "metrics.jsonl", start_step)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # continued across resumes
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            # Events of steps after start_step (from a run that went further before it stopped) are purged.
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, disable=None)
@@ -53,7 +102,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(strict_json_values(record), allow_nan=False) + "\n")
         step = record["step"]
         if self.writer is not None:
             for key, value in record.items():
@@ -73,3 +122,12 @@ class MetricsLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def write_run_config(output_dir: str, values: dict) -> Path:
+    """config.yaml: the run's resolved settings (defaults, checkpoint, YAML and flags applied)."""
+    import yaml
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path

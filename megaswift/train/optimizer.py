@@ -1,7 +1,9 @@
 """megatron-core DDP wrapping, optimizer and learning-rate schedule for a run's settings."""
+import math
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
@@ -24,7 +26,35 @@ def build_optimizer(model: list, train: TrainConfig, parallel: ParallelConfig, p
         adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
         clip_grad=train.clip_grad, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         params_dtype=params_dtype, use_distributed_optimizer=parallel.distributed_optimizer)
-    return get_megatron_optimizer(config, model)
+    optimizer = get_megatron_optimizer(config, model)
+    return FiniteUpdatesOptimizer(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+class FiniteUpdatesOptimizer(ChainedOptimizer):
+    """megatron-core's ChainedOptimizer, refusing an update whose gradient norm is NaN or infinite.
+
+    megatron-core finds non-finite gradients only through an fp16 loss scaler (`prepare_grads` returns
+    found_inf and `step()` returns (False, None, None)). With fp32 or bf16 there is no scaler: `step()`
+    applies a NaN gradient and reports the NaN norm afterwards. Its own `grad_norm_skip_threshold` refuses
+    only norms above a finite threshold, which a NaN never is. But `step()` computes the global norm
+    (all-reduced over the gradient-statistics group, so every rank holds the same value) before clipping
+    and before `step_with_ready_grads()` touches a parameter: refusing there makes `step()` return
+    (False, norm, zeros), as it does for a norm above the threshold, on every rank alike.
+    """
+
+    def step(self):
+        self.last_grad_norm = None  # stays None when the fp16 scaler's found_inf ends the step early
+        return super().step()
+
+    def get_grad_norm(self):
+        self.last_grad_norm = super().get_grad_norm()
+        return self.last_grad_norm
+
+    def step_with_ready_grads(self) -> bool:
+        # float(): with Transformer Engine's kernels megatron-core returns the norm as a one-element tensor
+        if self.last_grad_norm is not None and not math.isfinite(float(self.last_grad_norm)):
+            return False
+        return super().step_with_ready_grads()
 
 
 def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
@@ -33,4 +63,6 @@ def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
         optimizer, init_lr=0.0 if train.lr_warmup_iters else train.lr, max_lr=train.lr, min_lr=train.min_lr,
         lr_warmup_steps=train.lr_warmup_iters, lr_decay_steps=max(decay_iters, train.lr_warmup_iters + 1),
         lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay, end_wd=train.weight_decay,
-        wd_incr_steps=max(train.train_iters, 1), wd_incr_style="constant")
+        wd_incr_steps=max(train.train_iters, 1), wd_incr_style="constant",
+        # On resume the run's settings win over the checkpoint's (flags > checkpoint): lr, warmup, decay.
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)

@@ -3,10 +3,10 @@
 `train(config, data_source)` serves `megaswift pt` and `megaswift sft` alike; they differ only in the
 data source, which turns (consumed samples, data-parallel rank) into micro-batch iterators.
 """
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import megatron.core
@@ -16,17 +16,26 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megaswift.checkpointing.layout import HF_ASSETS, read_latest, read_meta, resolve_checkpoint
+from megaswift.checkpointing import rng
+from megaswift.checkpointing.integrity import intact_checkpoint
+from megaswift.checkpointing.layout import HF_ASSETS, iteration_dir, read_meta
+from megaswift.checkpointing.lock import hold_checkpoint_folder
+from megaswift.checkpointing.retention import apply_retention, check_retention_settings
 from megaswift.checkpointing.state import load_checkpoint, save_checkpoint
 from megaswift.config import ConfigError, config_to_dict
 from megaswift.config.validate import packed_attention, validate_choices, validate_layout
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
 from megaswift.models.builder import build_model_chunks, use_transformer_engine
+from megaswift.platform.versions import installed_version
 from megaswift.train.distributed import init_distributed, shutdown_distributed, world_from_env
 from megaswift.train.forward_step import make_forward_step
-from megaswift.train.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from megaswift.train.metrics import (MetricsLogger, default_output_dir, device_peak_flops, flops_per_token,
+                                     write_run_config)
 from megaswift.train.optimizer import build_optimizer, build_scheduler, wrap_with_ddp
+from megaswift.train.nonfinite import SkippedSteps
 from megaswift.train.preemption import StopRequest
+from megaswift.train.resume import (changed_settings, check_resume_changes, checkpoint_to_load, describe_changes,
+                                    describe_start, model_of_checkpoint)
 
 
 class TrainingError(RuntimeError):
@@ -57,7 +66,7 @@ class _Session:
     forward_step: object
     dp_rank: int
     start_step: int
-    skipped: int = 0
+    consumed_samples: int = 0  # recorded in each checkpoint: a changed global batch resumes at the right sample
 
 
 class _Throughput:
@@ -86,26 +95,30 @@ def resolve_precision(precision: str) -> torch.dtype:
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def checkpoint_to_load(config) -> tuple[Path | None, bool]:
-    """(folder, weights_only). An explicit checkpoint.load wins; else resume from checkpoint.save's latest."""
-    ck = config.checkpoint
-    if ck.load:
-        return resolve_checkpoint(ck.load), ck.finetune
-    if ck.save and Path(ck.save).is_dir() and read_latest(ck.save) is not None:
-        return resolve_checkpoint(ck.save), False
-    return None, False
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float | None  # None when the optimizer was not called (a non-finite loss) or fp16 overflowed
+    lr: float  # the learning rate the step used (or would have used)
+    applied: bool  # the optimizer updated the weights
+    stop_agreed: bool  # some rank had been asked to stop (preemption.py) when the step's loss was reduced
 
 
-def _reduce_loss(losses_reduced: list) -> torch.Tensor:
-    """[loss sum, token count] of the step, identical on every rank (zeros off the last pipeline stage)."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for record in losses_reduced:
-        total += record["loss"].detach().to("cpu", torch.float64)
-    if torch.cuda.is_available():
-        total = total.cuda()
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return total.cpu()
+def reduce_step_totals(losses_reduced: list, stop_requested: bool = False) -> tuple[float, float, bool]:
+    """(loss sum, token count, stop agreed) of a step, identical on every rank, from ONE all-reduce over all
+    ranks. The loss records exist on the last pipeline stage only, alike on its tensor-parallel ranks: those
+    of TP rank 0 contribute them (so each data-parallel and context-parallel share counts once). Every rank
+    adds its stop request, so a signal that reached any rank stops all of them after this step, with no
+    collective of its own; the sum stays on the device until the one copy to the host."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        for record in losses_reduced:
+            totals[:2] += record["loss"].detach().to(device, torch.float64)
+    totals[2] = 1.0 if stop_requested else 0.0
+    dist.all_reduce(totals)
+    loss_sum, count, stops = totals.tolist()
+    return loss_sum, count, stops > 0
 
 
 def _model_config(hf: dict, config):
@@ -119,17 +132,25 @@ def _model_config(hf: dict, config):
 
 
 class Trainer:
-    def __init__(self, config, data_source: DataSource):
+    def __init__(self, config, data_source: DataSource, world_size: int | None = None):
+        # world_size: checks a layout for that many processes (megaswift launch, before starting them)
         self.config, self.data_source = config, data_source
         validate_choices({"train.lr_decay_style": config.train.lr_decay_style,
                           "train.precision": config.train.precision, "train.on_nan": config.train.on_nan,
                           "model.moe_token_dispatcher": config.model.moe_token_dispatcher,
                           "model.layer_spec": config.model.layer_spec})
-        self.load_dir, self.weights_only = checkpoint_to_load(config)
-        self.hf = read_meta(self.load_dir)["hf_config"] if self.load_dir else resolve_hf_config(config.model)
+        self.skips = SkippedSteps.for_run(config.train)  # non-finite steps (train/nonfinite.py)
+        # The resume rule (train/resume.py): checkpoint.save's latest wins, checkpoint.load only seeds a run.
+        self.start = checkpoint_to_load(config)
+        self.load_dir, self.weights_only = self.start.folder, self.start.weights_only
+        self.hf = model_of_checkpoint(self.start, config.model.overrides) if self.load_dir else \
+            resolve_hf_config(config.model)
+        self.setting_changes = changed_settings(self.start.recorded_config(), config) if self.start.resumed else []
+        check_resume_changes(self.start, self.setting_changes)
         world = world_from_env()
         te = use_transformer_engine(config.model.layer_spec)
-        self.dp_size = validate_layout(self.hf, config.parallel, config.train, config.data, world.world_size, te)
+        self.dp_size = validate_layout(self.hf, config.parallel, config.train, config.data,
+                                       world_size or world.world_size, te)
         # TE attention ignores a block-diagonal mask (causal mask type): packed rows go THD there.
         self.packed_attention = packed_attention(getattr(config.data, "packing", False), te,
                                                  PRECISION_NAMES[resolve_precision(config.train.precision)],
@@ -141,13 +162,52 @@ class Trainer:
         seq, micro = self.config.data.seq_length, self.config.train.micro_batch_size
         return (seq * micro, 1) if self.packed_attention == "thd" else (seq, micro)
 
+    def train_samples(self) -> int:
+        """Training samples the data must provide: those consumed before plus the remaining steps at this
+        run's global batch (at least what the first run asked for, so the sample order is built alike)."""
+        t, start = self.config.train, self.start
+        needed = start.consumed_samples() + max(t.train_iters - start.step, 0) * t.global_batch_size
+        recorded = start.recorded_config().get("train", {})
+        first_run = recorded.get("train_iters", 0) * recorded.get("global_batch_size", 0)
+        return max(needed, first_run)
+
+    def _announce_start(self, world) -> bool:
+        """Rank 0 says once where the run starts and why; False when a finished run is rerun."""
+        cfg, start = self.config, self.start
+        finished = start.resumed and start.step >= cfg.train.train_iters
+        if world.rank == 0:
+            print(describe_start(start, cfg.train.train_iters), flush=True)
+            changes = describe_changes(self.setting_changes, start)
+            if changes:
+                print(changes, flush=True)
+            if finished:
+                print(f"megaswift: nothing to train: {start.folder} is at step {start.step} and train.train_iters is "
+                      f"{cfg.train.train_iters}, so this run is complete (raise --train.train_iters to train "
+                      f"further)", flush=True)
+        return not finished
+
     def run(self) -> TrainResult:
         cfg = self.config
+        check_retention_settings(cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
         world = init_distributed(cfg.parallel, cfg.train.seed)
         try:
-            return self._run(world)
+            # One run per checkpoint.save folder, for the whole run (checkpointing/lock.py).
+            with hold_checkpoint_folder(cfg.checkpoint.save):
+                self._use_intact_checkpoint()
+                return self._run(world)
         finally:
             shutdown_distributed()
+
+    def _use_intact_checkpoint(self) -> None:
+        """Checks the checkpoint to load against its recorded sums (checkpoint.verify) before anything is
+        announced or built; with checkpoint.fallback a damaged one is replaced by the newest intact earlier one."""
+        ck = self.config.checkpoint
+        if self.load_dir is None or not ck.verify:
+            return
+        intact = intact_checkpoint(self.load_dir, ck.fallback)
+        if intact != self.load_dir:
+            self.start = dataclasses.replace(self.start, folder=intact, meta=read_meta(intact))
+            self.load_dir = intact
 
     def _build(self):
         """Model chunks wrapped in DDP, optimizer and schedule, with megatron-core's schedule hooks set."""
@@ -163,31 +223,44 @@ class Trainer:
 
     def _run(self, world) -> TrainResult:
         cfg = self.config
+        if not self._announce_start(world):
+            return TrainResult(last_step=self.start.step)
         session = self._start_session()
         start = session.start_step
         end = cfg.train.train_iters if cfg.train.exit_after_iters is None else \
             min(cfg.train.train_iters, start + cfg.train.exit_after_iters)
+        if not cfg.logging.output_dir:  # a Trainer built without the CLI (cli/run_config.py resolves it)
+            cfg.logging.output_dir = default_output_dir(cfg.checkpoint.save)
+        if world.rank == 0:
+            write_run_config(cfg.logging.output_dir, config_to_dict(cfg))
         logger = MetricsLogger(cfg.logging.output_dir, world.rank == 0, cfg.train.train_iters, start,
                                cfg.logging.tensorboard, cfg.logging.progress_bar)
         throughput = _Throughput(self.hf, cfg, world.world_size)
         result = TrainResult(last_step=start)
-        if cfg.checkpoint.save and cfg.checkpoint.save_initial and start == 0:
-            self.save(0, session)
         try:
-            with StopRequest() as stop:
+            with StopRequest(saving=bool(cfg.checkpoint.save)) as stop:
+                if cfg.checkpoint.save and cfg.checkpoint.save_initial and start == 0:
+                    self.save(0, session)
                 for step in range(start + 1, end + 1):
                     began = time.perf_counter()
-                    loss, grad_norm, lr = self._train_step(session, step)
+                    outcome = self._train_step(session, step, stop)
+                    session.consumed_samples += cfg.train.global_batch_size  # a skipped step's batch too
                     elapsed = time.perf_counter() - began
-                    result.losses[step], result.last_step = loss, step
-                    if step % cfg.logging.log_interval == 0 or step == end:
-                        logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                    **throughput.figures(elapsed), "step_time_s": elapsed,
-                                    "skipped_batches": session.skipped})
+                    result.losses[step], result.last_step = outcome.loss, step
+                    result.stopped_by_signal = outcome.stop_agreed
+                    if step % cfg.logging.log_interval == 0 or step == end or result.stopped_by_signal:
+                        logger.log({"step": step, "loss": outcome.loss, "lr": outcome.lr,
+                                    "grad_norm": outcome.grad_norm, **throughput.figures(elapsed),
+                                    "step_time_s": elapsed, **self._skip_counts()})
                     logger.advance()
-                    if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                    # A stop keeps the grace period (Slurm's --signal=...@SECONDS) for the save.
+                    if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and \
+                            not result.stopped_by_signal:
                         logger.log({"step": step, "eval_loss": self.evaluate(session)})
-                    result.stopped_by_signal = stop.agreed()
+                    if result.stopped_by_signal and world.rank == 0:
+                        print(f"megaswift: stop requested (SIGTERM); step {step} is the last one"
+                              f"{', saving it' if cfg.checkpoint.save else ' (checkpoint.save is not set)'}",
+                              flush=True)
                     save_due = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
                     if cfg.checkpoint.save and (save_due or step == end or result.stopped_by_signal):
                         self.save(step, session)
@@ -203,17 +276,27 @@ class Trainer:
         start = 0
         if self.load_dir is not None:
             if self.weights_only:
-                load_checkpoint(self.load_dir, model)
-            else:
-                start = load_checkpoint(self.load_dir, model, optimizer, scheduler)
+                load_checkpoint(self.load_dir, model, verify=False)  # verified in run()
+            else:  # the full state, RNG included (checkpointing/rng.py)
+                start = load_checkpoint(self.load_dir, model, optimizer, scheduler, verify=False)
+        consumed = self.start.consumed_samples()
         dp_rank = parallel_state.get_data_parallel_rank()
-        iterators = self.data_source.train_iterators(start * cfg.train.global_batch_size, dp_rank, self.dp_size,
-                                                     len(model))
+        with rng.preserved():  # whatever building the data draws, training continues from the same RNG state
+            iterators = self.data_source.train_iterators(consumed, dp_rank, self.dp_size, len(model))
         return _Session(model, optimizer, scheduler, iterators, get_forward_backward_func(),
-                        make_forward_step(cfg.train.fused_loss), dp_rank, start)
+                        make_forward_step(cfg.train.fused_loss, self.hf["vocab_size"]), dp_rank, start,
+                        consumed_samples=consumed)
 
-    def _train_step(self, session: _Session, step: int) -> tuple[float, float, float]:
-        """One optimizer step over a global batch; returns (loss, grad norm, learning rate it used)."""
+    def _skip_counts(self) -> dict:
+        counts = {"skipped_steps": self.skips.total}
+        if resolve_precision(self.config.train.precision) == torch.float16:
+            counts["loss_scale_skips"] = self.skips.loss_scale_overflows
+        return counts
+
+    def _train_step(self, session: _Session, step: int, stop: StopRequest | None = None) -> StepOutcome:
+        """One step over a global batch. Its update is applied only when the loss and the gradient norm are
+        finite; otherwise train.on_nan decides what follows (train/nonfinite.py). A stop signal that has
+        arrived by the time the loss is reduced ends the run after this step."""
         cfg = self.config
         for chunk in session.model:
             chunk.zero_grad_buffer()
@@ -223,20 +306,24 @@ class Trainer:
             forward_step_func=session.forward_step, data_iterator=session.iterators, model=session.model,
             num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size),
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
-        loss_sum, count = _reduce_loss(losses).tolist()
+        loss_sum, count, stop_agreed = reduce_step_totals(losses, stop is not None and stop.requested)
         loss = loss_sum / max(count, 1.0)
-        grad_norm = float("nan")
-        if math.isfinite(loss):
-            _, norm, _ = session.optimizer.step()
-            grad_norm = float(norm) if norm is not None else grad_norm
-        elif cfg.train.on_nan == "stop":
-            raise TrainingError(f"loss is {loss} at step {step}; stopping (set train.on_nan=skip to skip such "
-                                f"batches instead)")
-        else:
-            session.skipped += 1
         lr = session.optimizer.param_groups[0]["lr"]
-        session.scheduler.step(increment=1)
-        return loss, grad_norm, lr
+        applied, grad_norm = False, None
+        if math.isfinite(loss):  # the same on every rank: all of them enter the optimizer's collectives, or none
+            # False for a non-finite gradient norm (optimizer.FiniteUpdatesOptimizer) or an fp16 overflow
+            applied, grad_norm, _ = session.optimizer.step()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+        if applied:
+            session.scheduler.step(increment=1)  # the schedule counts applied updates
+            self.skips.applied()
+        elif math.isfinite(loss) and grad_norm is None:
+            self.skips.loss_scale_overflows += 1  # megatron-core's fp16 loss scaler: it lowers the scale
+        else:
+            problem = self.skips.not_applied(step, loss, grad_norm)
+            if problem:
+                raise TrainingError(problem)
+        return StepOutcome(loss, grad_norm, lr, applied, stop_agreed)
 
     def evaluate(self, session: _Session) -> float:
         model = session.model
@@ -253,13 +340,21 @@ class Trainer:
                                               forward_only=True)
         for chunk in model:
             chunk.train()
-        loss_sum, count = _reduce_loss(losses).tolist()
+        loss_sum, count, _ = reduce_step_totals(losses)
         return loss_sum / max(count, 1.0)
 
     def save(self, step: int, session: _Session) -> None:
         cfg = self.config
-        meta = {"hf_config": self.hf, "config": config_to_dict(cfg), "megatron_core": megatron.core.__version__,
-                "parallel": config_to_dict(cfg.parallel)}
+        meta = {"hf_config": self.hf, "config": config_to_dict(cfg),
+                "megatron_core": installed_version("megatron-core"),  # not megatron.core.__version__ (git-derived)
+                "parallel": config_to_dict(cfg.parallel), "consumed_samples": session.consumed_samples}
         assets = cfg.data.tokenizer or (self.load_dir / HF_ASSETS if self.load_dir else None)
         save_checkpoint(cfg.checkpoint.save, step, session.model, session.optimizer, session.scheduler, meta,
                         hf_assets_source=assets)
+        if dist.get_rank() == 0:  # only now that the new checkpoint is complete and `latest` names it
+            print(f"megaswift: checkpoint saved to {iteration_dir(cfg.checkpoint.save, step)} (step {step})",
+                  flush=True)
+            for folder in apply_retention(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every):
+                print(f"megaswift: removed {folder} (checkpoint.keep_last={cfg.checkpoint.keep_last}"
+                      f"{f', keep_every={cfg.checkpoint.keep_every}' if cfg.checkpoint.keep_every else ''})",
+                      flush=True)

@@ -3,8 +3,8 @@ import argparse
 
 import pytest
 
-from megaswift.config import ConfigError, PretrainConfig, config_from_args
-from megaswift.config.flags import add_config_arguments
+from megaswift.config import ConfigError, PretrainConfig, SFTConfig, config_from_args
+from megaswift.config.flags import add_config_arguments, closest_names
 
 
 def _parse(argv):
@@ -50,3 +50,62 @@ def test_unknown_yaml_key_names_file_and_allowed_keys(tmp_path):
 def test_missing_yaml_file():
     with pytest.raises(ConfigError, match="does not exist"):
         _parse(["--config", "/nonexistent/run.yaml"])
+
+
+def _help(cls=PretrainConfig) -> str:
+    parser = argparse.ArgumentParser(prog="megaswift pt")
+    add_config_arguments(parser, cls)
+    return " ".join(parser.format_help().split())  # argparse wraps lines at the terminal width
+
+
+@pytest.mark.parametrize("cls, flag, shown", [
+    (PretrainConfig, "--train.lr FLOAT", "peak learning rate (default: 0.0003)"),
+    (PretrainConfig, "--train.micro_batch_size INT", "(default: 2)"),
+    (PretrainConfig, "--model.preset TEXT", "(default: tiny-llama)"),
+    (PretrainConfig, "--parallel.sequence_parallel [BOOL]", "(default: false)"),
+    (PretrainConfig, "--checkpoint.save TEXT", "(default: not set)"),
+    (PretrainConfig, "--data.paths TEXT [TEXT ...]", "(default: none)"),
+    (SFTConfig, "--data.seq_length INT", "(default: 512)"),
+])
+def test_help_shows_each_default(cls, flag, shown):
+    text = _help(cls)
+    after = text[text.index(flag) + len(flag):]
+    assert after.split(" --")[0].strip().endswith(shown), after[:300]
+
+
+def test_help_says_a_default_once_where_the_help_text_explains_it():
+    text = _help()
+    entry = text[text.index("--checkpoint.load TEXT"):].split(" --")[0]
+    assert entry.count("default") == 1 and "(default: save, if it has one)" in entry
+
+
+def test_defaults_stay_out_of_parsed_flags():
+    """Shown in --help, but never passed as flags: a default must not override the YAML file."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PretrainConfig)
+    assert vars(parser.parse_args([])) == {"config": None}
+
+
+KNOWN = ["--train.train_iters", "--train.eval_iters", "--train.lr_warmup_iters", "--train.lr", "--train.min_lr",
+         "--data.seq_length", "--parallel.tensor", "--parallel.pipeline", "--checkpoint.finetune",
+         "--checkpoint.save"]
+
+
+@pytest.mark.parametrize("typed, expected", [
+    ("--train.iters", ["--train.train_iters"]),      # the issue's example: not eval_iters or lr_warmup_iters
+    ("--lr", ["--train.lr"]),
+    ("--data.seq_len", ["--data.seq_length"]),
+    ("--train.lr-warmup-iters", ["--train.lr_warmup_iters"]),
+    ("--paralel.tensor", ["--parallel.tensor"]),
+    ("--checkpoint.fintune", ["--checkpoint.finetune"]),
+    ("--foo", []),
+])
+def test_closest_names(typed, expected):
+    assert closest_names(typed, KNOWN) == expected
+
+
+def test_unknown_yaml_key_suggests_the_close_one(tmp_path):
+    yaml_file = tmp_path / "typo.yaml"
+    yaml_file.write_text("train:\n  iters: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['iters'\]; iters: did you mean train_iters\?"):
+        _parse(["--config", str(yaml_file)])

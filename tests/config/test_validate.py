@@ -66,3 +66,13 @@ def test_packed_attention_follows_the_attention_backend(packing, te, precision, 
 def test_packing_with_transformer_engine_refuses_what_is_not_wired(precision, context, message):
     with pytest.raises(ConfigError, match=message):
         packed_attention(True, True, precision, ParallelConfig(context=context))
+
+
+@pytest.mark.parametrize("world, tensor, pipeline, start", [(1, 2, 1, 2), (3, 2, 1, 2), (2, 2, 2, 4)])
+def test_too_few_processes_says_how_to_start_enough(world, tensor, pipeline, start):
+    with pytest.raises(ConfigError) as raised:
+        _validate(world=world, tensor=tensor, pipeline=pipeline)
+    message = str(raised.value)
+    assert f"this run has {world} process" in message
+    assert f"torchrun --nproc-per-node {start} -m megaswift pt" in message
+    assert f"megaswift launch --nproc-per-node {start} -- megaswift pt" in message

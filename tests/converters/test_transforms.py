@@ -18,10 +18,15 @@ def labelled(rows: int, label: float, cols: int = 4) -> torch.Tensor:
 def test_fused_qkv_orders_rows_per_query_group():
     q, k, v = labelled(18, 100), labelled(6, 200), labelled(6, 300)
     fused = FUSED_QKV.to_mcore([q, k, v], DIMS, (30, 4))
-    per_group_q_rows = 3 * 3  # 3 query heads per group, head_dim 3
     expected_order = torch.cat([q[:9], k[:3], v[:3], q[9:], k[3:], v[3:]])
-    assert per_group_q_rows == 9
     assert torch.equal(fused, expected_order)
+    # Read back the way megatron-core's SelfAttention.get_query_key_value_tensors does: a view per query
+    # group of (heads per group + 2) x head_dim rows, split into that group's q, k and v.
+    heads_per_group = DIMS.num_heads // DIMS.num_query_groups
+    groups = fused.view(DIMS.num_query_groups, (heads_per_group + 2) * DIMS.head_dim, 4)
+    q_back, k_back, v_back = torch.split(groups, [heads_per_group * DIMS.head_dim, DIMS.head_dim, DIMS.head_dim], 1)
+    assert torch.equal(q_back.reshape(-1, 4), q) and torch.equal(k_back.reshape(-1, 4), k)
+    assert torch.equal(v_back.reshape(-1, 4), v)
     assert all(torch.equal(a, b) for a, b in zip(FUSED_QKV.to_hf(fused, DIMS), (q, k, v)))
 
 

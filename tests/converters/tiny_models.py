@@ -12,20 +12,22 @@ FAMILY_PRESETS = {
 MOE_FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe")
 
 
-def hf_config_object(preset: str):
+def hf_config_object(preset: str, overrides: dict | None = None):
     from transformers import AutoConfig
 
     from megaswift.models import preset_hf_config
-    hf = preset_hf_config(preset)
+    hf = {**preset_hf_config(preset), **(overrides or {})}
     return AutoConfig.for_model(hf.pop("model_type"), **hf)
 
 
-def save_tiny_hf_model(preset: str, folder: Path, dtype: torch.dtype, tokenizer_dir: Path | None, seed: int = 0):
-    """Every tensor random (norms around 1), so a swapped or dropped tensor changes the logits."""
+def save_tiny_hf_model(preset: str, folder: Path, dtype: torch.dtype, tokenizer_dir: Path | None, seed: int = 0,
+                       overrides: dict | None = None):
+    """Every tensor random (norms around 1), so a swapped or dropped tensor changes the logits.
+    `overrides`: HF config fields to change (e.g. fewer layers, another vocab size)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config_object(preset), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config_object(preset, overrides), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
@@ -41,3 +43,24 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits
+
+
+def mcore_logits(hf: dict, iteration_dir: Path, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """megatron-core's logits (true vocabulary, as fp32) of a converted checkpoint, the model built and run
+    in `dtype` at TP=1 (one process)."""
+    from megatron.core import dist_checkpointing
+
+    from converters.process_group import single_process_model_parallel
+    from megaswift.config import ParallelConfig
+    from megaswift.models import hf_to_transformer_config
+    from megaswift.models.builder import build_model_chunks
+    with single_process_model_parallel():
+        config = hf_to_transformer_config(hf, ParallelConfig(), params_dtype=dtype)
+        config.perform_initialization = False
+        (model,) = build_model_chunks(hf, config, "local")
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iteration_dir))
+        model.load_state_dict(loaded["model"], strict=True)
+        model.eval()
+        with torch.no_grad():
+            logits = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)
+    return logits[..., : hf["vocab_size"]].float()

@@ -35,3 +35,32 @@ def test_pipeline_reports_both_runs(tmp_path):
     # weights, the unweighted loss is near ln(vocab).
     assert 5.0 < default["train_loss_first"] < 8.0
     assert agent["train_loss_first"] > 1.2 * default["train_loss_first"]
+    # What each run actually trained on: the two preprocessing caches hold the token weights. The agent
+    # config gives the tool call's JSON (between the <tool_call> tags) 3.0 and the other assistant tokens
+    # 1.0 (no ReAct `Observation:` text here, and tool results sit in untrained user turns); default is 1.0.
+    assert sorted(weights_inside_and_outside_tool_calls(tmp_path / "work"), key=lambda p: sorted(p[0])) == [
+        ({1.0}, {1.0}),  # --data.loss_scale default
+        ({3.0}, {1.0}),  # --data.loss_scale agent
+    ]
+
+
+def weights_inside_and_outside_tool_calls(work: Path) -> list[tuple[set, set]]:
+    """Per cached preprocessed dataset: the weights of trained target tokens strictly between the
+    <tool_call> and </tool_call> tag tokens, and of the other trained tokens."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    open_id, close_id = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    found = []
+    for folder in sorted((work / "sft_cache").glob("sft-*")):
+        ds = datasets.load_from_disk(str(folder / "dataset"))
+        inside, outside, in_call = set(), set(), False
+        for labels, weights in zip(ds["labels"], ds["loss_scale"]):
+            for token, weight in zip(labels, weights):
+                in_call = in_call and token != close_id
+                if token != -100:
+                    (inside if in_call else outside).add(weight)
+                in_call = in_call or token == open_id
+        found.append((inside, outside))
+    return found

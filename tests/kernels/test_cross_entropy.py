@@ -35,9 +35,9 @@ def fused_loss_and_grad(logits, labels, weights, grad_out=None, **kw):
     return loss.detach(), g
 
 
-def reference_loss_and_grad(logits, labels, weights, grad_out=None, ignore_index=-100):
+def reference_loss_and_grad(logits, labels, weights, grad_out=None, ignore_index=-100, vocab_size=None):
     x = logits.float().requires_grad_(True)
-    loss = loss_scaled_cross_entropy_reference(x, labels, weights, ignore_index=ignore_index)
+    loss = loss_scaled_cross_entropy_reference(x, labels, weights, ignore_index=ignore_index, vocab_size=vocab_size)
     g, = torch.autograd.grad(loss, x, grad_out if grad_out is not None else torch.ones_like(loss))
     return loss.detach(), g
 
@@ -144,6 +144,47 @@ def test_bad_input_raises_clear_error(kernel_path, mutate, error, message):
         loss_scaled_cross_entropy(*mutate(logits, labels, weights))
 
 
+@pytest.mark.parametrize("vocab_size,message", [
+    (41, r"vocab_size=41 must be in \[1, 40\].*true vocabulary size"),
+    (0, r"vocab_size=0 must be in \[1, 40\]"),
+    (30, r"label 3[0-9] at token \d+ is outside \[0, 30\)"),  # a label in the padding is an error, not a loss
+])
+def test_bad_vocab_size_raises_clear_error(kernel_path, vocab_size, message):
+    logits, labels, weights = make_case(8, 40, seed=3)
+    labels[0] = 35
+    with pytest.raises(ValueError, match=message):
+        loss_scaled_cross_entropy(logits, labels, weights, vocab_size=vocab_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,padded", [(1000, 1024), (511, 1024), (513, 640), (1, 128)])
+def test_padded_vocab_columns_take_no_part_and_get_no_gradient(kernel_path, dtype, vocab, padded):
+    """Padding columns hold garbage (large values, nan, inf): the loss is the cross entropy over the true
+    vocabulary, exactly as if the columns did not exist, and their gradient is exactly 0."""
+    logits, labels, weights = make_case(21, padded, seed=4)
+    labels = torch.where(labels == -100, labels, labels % vocab)
+    logits[:, vocab:] = 60.0
+    logits[3, vocab:] = float("nan")
+    logits[5, vocab:] = float("inf")
+    logits = logits.to(dtype)
+    grad_out = torch.rand(21)
+    loss, grad = fused_loss_and_grad(logits, labels, weights, grad_out, vocab_size=vocab)
+    unpadded_loss, unpadded_grad = fused_loss_and_grad(logits[:, :vocab].contiguous(), labels, weights, grad_out)
+    assert torch.equal(loss, unpadded_loss) and torch.equal(grad[:, :vocab], unpadded_grad)
+    assert torch.count_nonzero(grad[:, vocab:]) == 0
+    expected = F.cross_entropy(logits[:, :vocab].float(), labels, reduction="none") * weights
+    torch.testing.assert_close(loss, expected, rtol=1e-6 if dtype == torch.float32 else 1e-5, atol=1e-6)
+
+
+def test_a_shard_of_padding_only_adds_nothing(kernel_path):
+    """The partials of a shard past the true vocabulary (a high TP rank of a small vocab) are (-inf, 0, 0)."""
+    from megaswift.kernels.cross_entropy import _partials
+    logits, labels, _ = make_case(6, 64)
+    row_max, sum_exp, target = _partials(logits, labels, 128, 100, -100)  # columns 128..191, vocab 100
+    assert torch.equal(row_max, torch.full((6,), float("-inf"))) and torch.count_nonzero(sum_exp) == 0
+    assert torch.count_nonzero(target) == 0
+
+
 def test_compiled_ops_reject_bad_arguments_themselves():
     """Direct callers of torch.ops.megaswift get an error, never a crash or a wrong answer."""
     if _dispatch.why_not_compiled("loss_scaled_cross_entropy", "cpu") is not None:
@@ -151,13 +192,15 @@ def test_compiled_ops_reject_bad_arguments_themselves():
     ops = torch.ops.megaswift
     x, y = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="logits must be contiguous"):
-        ops.cross_entropy_partials(x.t(), y[:2].repeat(5), 0, -100)
+        ops.cross_entropy_partials(x.t(), y[:2].repeat(5), 0, 10, -100)
     with pytest.raises(TypeError, match="labels must be int64"):
-        ops.cross_entropy_partials(x, y.int(), 0, -100)
+        ops.cross_entropy_partials(x, y.int(), 0, 10, -100)
+    with pytest.raises(ValueError, match="vocab_size must be positive"):
+        ops.cross_entropy_partials(x, y, 0, 0, -100)
     with pytest.raises(ValueError, match="scale must be contiguous"):
-        ops.cross_entropy_backward_(x, y, torch.zeros(4), torch.zeros(3), 0, -100, x)
+        ops.cross_entropy_backward_(x, y, torch.zeros(4), torch.zeros(3), 0, 10, -100, x)
     with pytest.raises(ValueError, match="out must be"):
-        ops.cross_entropy_backward_(x, y, torch.zeros(4), torch.zeros(4), 0, -100, torch.empty(4, 9))
+        ops.cross_entropy_backward_(x, y, torch.zeros(4), torch.zeros(4), 0, 10, -100, torch.empty(4, 9))
 
 
 def test_fallback_is_announced_once(monkeypatch, caplog):

@@ -30,15 +30,15 @@ def case(tokens, vocab, dtype, seed=0):
     return logits.cuda(), labels.cuda(), weights.cuda()
 
 
-def fused(logits, labels, weights, grad_out):
+def fused(logits, labels, weights, grad_out, vocab_size=None):
     x = logits.clone().requires_grad_(True)
-    loss = loss_scaled_cross_entropy(x * 1, labels, weights)
+    loss = loss_scaled_cross_entropy(x * 1, labels, weights, vocab_size=vocab_size)
     return loss.detach(), torch.autograd.grad(loss, x, grad_out)[0]
 
 
-def reference(logits, labels, weights, grad_out):
+def reference(logits, labels, weights, grad_out, vocab_size=None):
     x = logits.float().requires_grad_(True)
-    loss = loss_scaled_cross_entropy_reference(x, labels, weights)
+    loss = loss_scaled_cross_entropy_reference(x, labels, weights, vocab_size=vocab_size)
     return loss.detach(), torch.autograd.grad(loss, x, grad_out)[0]
 
 
@@ -72,6 +72,22 @@ def test_cuda_extreme_and_masked_logits(dtype):
     torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), **GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,padded", [(1000, 1024), (1003, 1152), (128256, 128512)])
+def test_cuda_padded_vocab_is_left_out(dtype, vocab, padded):
+    """Columns past vocab_size (garbage here: large logits) take no part and get exactly zero gradient."""
+    logits, labels, weights = case(16, padded, torch.float32)
+    labels = labels.where(labels < vocab, labels % vocab).where(labels != -100, -100)
+    logits[:, vocab:] = 50.0
+    logits = logits.to(dtype)
+    grad_out = torch.rand(16, device="cuda")
+    loss, grad = fused(logits, labels, weights, grad_out, vocab_size=vocab)
+    ref_loss, ref_grad = reference(logits, labels, weights, grad_out, vocab_size=vocab)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6 if dtype == torch.float32 else 1e-5, atol=1e-6)
+    assert torch.count_nonzero(grad[:, vocab:]) == 0
+    torch.testing.assert_close(grad[:, :vocab].float(), ref_grad[:, :vocab].to(dtype).float(), **GRAD_TOL[dtype])
+
+
 def test_cuda_agrees_with_cpu_kernel():
     logits, labels, weights = case(33, 4099, torch.bfloat16)
     grad_out = torch.rand(33, device="cuda")
@@ -89,4 +105,4 @@ def test_cuda_bad_input_is_an_error():
         loss_scaled_cross_entropy(logits, torch.full_like(labels, 100), weights)
     with pytest.raises(ValueError, match="logits must be contiguous"):
         torch.ops.megaswift.cross_entropy_partials(logits.t(), torch.zeros(100, dtype=torch.long, device="cuda"),
-                                                   0, -100)
+                                                   0, 100, -100)

@@ -1,4 +1,5 @@
-"""Vocab-parallel loss-scaled cross entropy over TP=2 (torchrun, gloo) equals the unsplit result."""
+"""Vocab-parallel loss-scaled cross entropy over TP=2 (torchrun, gloo) equals the unsplit result, padded
+vocabularies included (padding on one rank, a rank of padding only)."""
 from pathlib import Path
 
 import pytest
@@ -19,4 +20,7 @@ def test_tp2_vocab_parallel_equals_unsplit():
     for rank in (0, 1):
         for path in paths:
             for dtype in ("float32", "bfloat16"):
-                assert f"rank {rank} {path} torch.{dtype} vocab_local=517: ok" in proc.stdout, proc.stdout
+                for vocab_size in ("None", "1000"):
+                    assert f"rank {rank} {path} torch.{dtype} vocab_local=517 vocab_size={vocab_size}: ok" \
+                        in proc.stdout, proc.stdout
+            assert f"rank {rank} {path} torch.float32 vocab_local=517 vocab_size=300: ok" in proc.stdout

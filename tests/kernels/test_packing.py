@@ -51,6 +51,30 @@ def test_dispatched_matches_reference_and_is_valid(seed, n, capacity):
     assert sum(2 * sum(lengths[i] for i in b) <= capacity for b in bins) <= 1
 
 
+def first_fit_in_data_order(lengths, capacity):
+    """Plain first fit without the sort, to show the case below tells the two apart."""
+    bins, room = [], []
+    for i, n in enumerate(lengths):
+        b = next((b for b, r in enumerate(room) if r >= n), None)
+        if b is None:
+            bins.append([i])
+            room.append(capacity - n)
+        else:
+            bins[b].append(i)
+            room[b] -= n
+    return bins
+
+
+@pytest.mark.parametrize("pack", [pack_first_fit_decreasing, pack_first_fit_decreasing_reference])
+def test_a_case_worked_by_hand_where_sorting_first_matters(pack):
+    # capacity 10. Decreasing order 8, 7, 5, 4, 3, 2, 1 (indices 6, 3, 1, 2, 5, 0, 4):
+    #   8 -> new bin A (room 2); 7 -> new B (3); 5 -> new C (5); 4 -> C (1); 3 -> B (0); 2 -> A (0); 1 -> C (0)
+    # = 3 full bins. First fit in data order (2, 5, 4, 7, 1, 3, 8) needs 4: [2,5,1] [4,3] [7] [8].
+    lengths, capacity = [2, 5, 4, 7, 1, 3, 8], 10
+    assert pack(lengths, capacity) == [[6, 0], [3, 5], [1, 2, 4]]
+    assert first_fit_in_data_order(lengths, capacity) == [[0, 1, 4], [2, 5], [3], [6]]
+
+
 def test_compiled_op_is_used_when_built():
     if _dispatch.why_not_compiled("pack_first_fit_decreasing", "cpu") is not None:
         pytest.skip("csrc not built")

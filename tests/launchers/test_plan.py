@@ -136,3 +136,22 @@ def test_command_becomes_torchrun_program(command, program):
 def test_bad_commands_say_what_is_expected(command, message):
     with pytest.raises(LaunchError, match=message.replace("(", r"\(")):
         torchrun_program(command)
+
+
+def _child_failed(**exit_codes):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    failures = {int(rank[1:]): ProcessFailure(local_rank=int(rank[1:]), pid=100 + int(rank[1:]), exitcode=code,
+                                              error_file="/nonexistent") for rank, code in exit_codes.items()}
+    return ChildFailedError("megaswift", failures)
+
+
+@pytest.mark.parametrize("codes, line, status", [
+    # rank 1 was SIGTERMed by torchrun after rank 0 failed (listed first, same second): rank 0 is the cause
+    ({"r1": -15, "r0": 2}, "megaswift launch: rank 0 exited with status 2 (its own output above says why); "
+                           "then rank 1 stopped too", 2),
+    ({"r0": -15, "r1": -9, "r2": -15}, "megaswift launch: rank 1 was stopped by SIGKILL; then ranks 0, 2 stopped "
+                                       "too", 1),
+])
+def test_a_failed_launch_ends_with_one_line_naming_the_cause(codes, line, status):
+    from launchers.agent import describe_failure
+    assert describe_failure(_child_failed(**codes)) == (line, status)

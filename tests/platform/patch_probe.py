@@ -3,8 +3,8 @@
 Run directly for the single-process checks, or under torchrun with --distributed for the
 two-process ones. Rank 0 prints one line per check, `PROBE {"patch", "check", "without",
 "with"}`, where "without"/"with" is "ok" or "<ExceptionType>: <message>" ("without" is null
-for checks that belong to no patch). The single-process run also prints `APPLY {...}` and
-`THREAD {...}` lines about apply_cpu_patches itself.
+for checks that belong to no patch). The single-process run also prints `CONTEXT {...}`,
+`APPLY {...}` and `THREAD {...}` lines about cpu_patches() and apply_cpu_patches themselves.
 """
 import argparse
 import json
@@ -38,6 +38,23 @@ def mode_stack_depth() -> int:
     return len(torch.overrides._get_current_function_mode_stack())
 
 
+def probe_context() -> None:
+    """cpu_patches(): everything applied inside, nothing left after; inside an applied process it undoes
+    nothing (run before probe_apply, which applies for good)."""
+    original_type = torch.Tensor.type
+    with cpu.cpu_patches() as active:
+        inside = {"active": active, "applied": cpu.applied_patches(), "mode_stack_depth": mode_stack_depth(),
+                  "zeros_on_cuda": outcome(lambda: torch.zeros(1, device="cuda"))}
+    after = {"applied": cpu.applied_patches(), "mode_stack_depth": mode_stack_depth(),
+             "tensor_type_restored": torch.Tensor.type is original_type,
+             "zeros_on_cuda": outcome(lambda: torch.zeros(1, device="cuda"))}
+    cpu.apply_cpu_patches()
+    with cpu.cpu_patches():
+        pass
+    nested = {"applied": cpu.applied_patches(), "mode_stack_depth": mode_stack_depth()}
+    report("CONTEXT", {"inside": inside, "after": after, "nested_in_applied": nested})
+
+
 def probe_apply() -> None:
     """apply_cpu_patches: True twice, one function mode entered, every patch applied."""
     first, second = cpu.apply_cpu_patches(), cpu.apply_cpu_patches()
@@ -68,6 +85,7 @@ def main() -> None:
     if distributed:
         assert cpu.apply_cpu_patches(), "expected a machine without CUDA"
     else:
+        probe_context()
         probe_apply()
         probe_other_thread()
     init_distributed(tp=2 if distributed else 1)

@@ -70,6 +70,22 @@ def test_apply_is_idempotent_and_enters_one_function_mode(single_process_probe):
     assert row["current_device"] == "cpu"
 
 
+def test_cpu_patches_context_undoes_only_what_it_applied(single_process_probe):
+    (row,) = parse_lines(single_process_probe, "CONTEXT")
+    inside, after, nested = row["inside"], row["after"], row["nested_in_applied"]
+    assert inside["active"] is True and inside["mode_stack_depth"] == 1 and inside["zeros_on_cuda"] == "ok"
+    assert sorted(inside["applied"]) == sorted(row_all(single_process_probe))
+    assert after["applied"] == [] and after["mode_stack_depth"] == 0 and after["tensor_type_restored"]
+    assert any(e in after["zeros_on_cuda"] for e in NO_DRIVER), after  # torch is plain torch again
+    # inside a process whose entry point applied them, the context leaves them applied
+    assert sorted(nested["applied"]) == sorted(row_all(single_process_probe)) and nested["mode_stack_depth"] == 1
+
+
+def row_all(output: str) -> list[str]:
+    (row,) = parse_lines(output, "APPLY")
+    return row["all"]
+
+
 def test_other_threads_need_cpu_device_mode(single_process_probe):
     (row,) = parse_lines(single_process_probe, "THREAD")
     assert any(e in row["bare"] for e in NO_DRIVER), row  # documents that the mode is thread-local

@@ -32,3 +32,14 @@ def test_training_scripts_are_requeue_and_signal_safe(name, command):
     assert {"nodes", "gpus-per-node", "time", "exclusive"} <= set(options)
     assert f"-- {command} --config \"$config\"" in text
     assert "& \nstep=$!" in text.replace('" &\n', "& \n") and "trap " in text and 'wait "$step"' in text
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*/*.yaml")), ids=lambda p: p.parent.name)
+def test_example_configs_are_valid_run_configs(example):
+    """What `sbatch slurm/{pretrain,sft}.sh EXAMPLE.yaml` hands to the trainer: every key a known setting."""
+    import yaml
+
+    from megaswift.config import PretrainConfig, SFTConfig, config_from_dict
+    cls = SFTConfig if example.parent.name == "sft" else PretrainConfig
+    config = config_from_dict(cls, yaml.safe_load(example.read_text()), str(example))
+    assert config.train.train_iters > 0

@@ -24,16 +24,27 @@ def _write_alpaca(path, count=8):
     return path
 
 
+# Non-uniform token weights (3, 0.5 and 0 = untrained) so that packing must carry each sample's weights
+# to the right tokens; all weights 1 would hide a misplaced or dropped loss_scale.
+LOSS_SCALE = {"rules": [{"pattern": "(alpha|beta|gamma|delta)", "weights": [3.0]},
+                        {"pattern": "(epsilon|zeta|eta|theta)", "weights": [0.5]},
+                        {"pattern": "(iota|kappa)", "weights": [0.0]}]}
+
+
 @pytest.fixture(scope="module")
 def sft_setup(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     data = _write_alpaca(root / "train.jsonl")
+    (root / "weights.json").write_text(json.dumps(LOSS_SCALE))
     tokenizer_dir = str(demo_data[0])
     cache = root / "cache"
-    samples = preprocess_sft(SFTDataSettings(datasets=(str(data),), max_length=SEQ, loss_on="all_assistant"),
+    samples = preprocess_sft(SFTDataSettings(datasets=(str(data),), max_length=SEQ, loss_on="all_assistant",
+                                             loss_scale=str(root / "weights.json")),
                              AutoTokenizer.from_pretrained(tokenizer_dir), cache, report=False).dataset
+    assert {0.0, 0.5, 1.0, 3.0} <= {w for row in samples["loss_scale"] for w in row}
     packed_rows = len(PackedSFTDataset(samples, SEQ, 0))
     assert packed_rows < len(samples), "the samples must share rows for this test to mean anything"
+    assert packed_rows % 2 == 0, "the DP=2 layout needs a global batch (all packed rows) divisible by 2"
     # Init weights once, so every run below starts from the same model.
     init = root / "init"
     _sft(root, data, tokenizer_dir, cache, root / "init_logs", nproc=1, packing=False, rows=len(samples),
@@ -45,7 +56,8 @@ def _sft(root, data, tokenizer_dir, cache, out, nproc, packing, rows, extra=(), 
     """One step = the whole dataset (global batch = all rows), so packed and unpacked steps see the same samples."""
     flags = ["sft", "--model.preset", "tiny-llama", "--data.datasets", str(data), "--data.tokenizer", tokenizer_dir,
              "--data.seq_length", str(SEQ), "--data.cache_dir", str(cache), "--data.packing", str(packing).lower(),
-             "--data.loss_on", "all_assistant", "--train.micro_batch_size", "1",
+             "--data.loss_on", "all_assistant", "--data.loss_scale", str(root / "weights.json"),
+             "--train.micro_batch_size", "1",
              "--train.global_batch_size", str(rows), "--train.train_iters", str(STEPS), "--train.lr", "1e-3",
              "--train.lr_warmup_iters", "0", "--train.precision", "fp32", "--logging.output_dir", str(out),
              "--logging.progress_bar", "false", "--logging.tensorboard", "false", *extra]
@@ -61,8 +73,8 @@ def unpacked_single(sft_setup):
     return _sft(root, data, tok, cache, root / "unpacked", 1, False, n_samples, init=init)
 
 
-@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["--parallel.tensor", "2"]),
-                                           (2, ["--parallel.pipeline", "2"])], ids=["single", "tp2", "pp2"])
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, []), (2, ["--parallel.tensor", "2"]),
+                                           (2, ["--parallel.pipeline", "2"])], ids=["single", "dp2", "tp2", "pp2"])
 def test_packed_equals_unpacked(nproc, layout, sft_setup, unpacked_single, tmp_path):
     root, data, tok, cache, init, _, packed_rows = sft_setup
     packed = _sft(root, data, tok, cache, tmp_path, nproc, True, packed_rows, extra=layout, init=init)

@@ -9,7 +9,10 @@ The standard (what templates consume):
      "tools": [{"type": "function", "function": {...JSON schema...}}] | None,
      "rejected_response": str | None}
 
-A system message may only come first; at least one assistant message is required. Tool-call
+A system message may only come first, an assistant message may not (a chat template has no prompt
+to place it after); at least one assistant message is required. Unusual but renderable role orders
+(two user turns in a row, a tool result with no assistant turn before it, ...) are kept and reported
+by `role_order_warnings`, counted per dataset in the preprocessing stats. Tool-call
 arguments are dicts (HF chat templates render them with `tojson`), so JSON-string arguments are
 parsed here.
 
@@ -228,6 +231,27 @@ def check_standard(sample: dict) -> None:
             raise _Mismatch("a system message only as the first message", f"one at position {i}")
     if not any(m["role"] == "assistant" for m in messages):
         raise _Mismatch("at least one assistant message", f"roles {[m['role'] for m in messages]}")
+    if messages[0]["role"] == "assistant":
+        raise _Mismatch("a user (or system) message before the first assistant message",
+                        f"roles {_short([m['role'] for m in messages])} (the conversation starts with the assistant)")
+
+
+def role_order_warnings(messages: list[dict]) -> list[str]:
+    """Role orders a chat template renders but that rarely mean what the data's author intended
+    (usually a merge or export bug): two user or assistant turns in a row, a tool result with no
+    assistant turn before it, a conversation that ends on a user turn (nothing after it is trained)."""
+    found = []
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    for before, role in zip(roles, roles[1:]):
+        if role == before and role in ("user", "assistant"):
+            found.append(f"two {role} turns in a row")
+        elif role == "tool" and before not in ("assistant", "tool"):
+            found.append(f"a tool result after a {before} turn")
+    if roles and roles[0] == "tool":
+        found.append("a tool result first")
+    if roles and roles[-1] == "user":
+        found.append("a conversation ending with a user turn")
+    return list(dict.fromkeys(found))  # each kind once per row
 
 
 def normalise_row(row: dict, format_name: str, where: str) -> dict:

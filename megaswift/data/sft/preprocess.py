@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import jinja2
 import numpy as np
 
-from megaswift.data.sft.formats import SampleFormatError, detect_format, location, normalise_row
+from megaswift.data.sft.formats import SampleFormatError, detect_format, location, normalise_row, role_order_warnings
 from megaswift.data.sft.loss_scale import LossScaleConfig, load_loss_scale, loss_scale_path
 from megaswift.data.sft.sources import DatasetSpec, load_source, mix_sources
-from megaswift.data.sft.template import LOSS_ON, OVER_LENGTH, IGNORE_INDEX, SFTTemplate
+from megaswift.data.sft.template import LOSS_ON, OVER_LENGTH, IGNORE_INDEX, SFTTemplate, TemplateError
 
-PIPELINE_VERSION = 1  # bump when the meaning of a cached row changes
+PIPELINE_VERSION = 2  # bump when the meaning of a cached row changes
 DROP_REASONS = ("bad_row", "too_long", "no_trained_tokens")
 OUTPUT_FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -39,7 +40,9 @@ OUTPUT_FEATURES = datasets.Features({
     "num_trained": datasets.Value("int32"),
     "truncated": datasets.Value("bool"),
     "status": datasets.Value("string"),
+    "warning": datasets.Value("string"),  # "file:line: kind; kind" for unusual role orders, else ""
 })
+EXAMPLES = 3  # bad rows / warnings quoted in the stats
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ def fingerprint(settings: SFTDataSettings, tokenizer) -> str:
     return h.hexdigest()
 
 
+class _Unreadable(ValueError):
+    """A row its reader could not read; the message (the reader's SampleFormatError) names file and line."""
+
+
 class _RowEncoder:
     """The function `datasets.map` runs: raw rows -> encoded rows with a status (picklable)."""
 
@@ -99,15 +106,22 @@ class _RowEncoder:
 
     def __call__(self, batch: dict) -> dict:
         out = {name: [] for name in OUTPUT_FEATURES}
-        for raw, origin, line, fmt in zip(batch["raw"], batch["origin"], batch["line"], batch["format"]):
+        for raw, origin, line, fmt, error in zip(batch["raw"], batch["origin"], batch["line"], batch["format"],
+                                                 batch["error"]):
+            where = location(origin, line)
+            encoded, warning = None, ""
             try:
-                sample = normalise_row(json.loads(raw), fmt, location(origin, line))
-            except SampleFormatError as err:
+                if error:  # a row the reader could not read (there only with skip_bad_rows): error names it
+                    raise _Unreadable(error)
+                sample = normalise_row(json.loads(raw), fmt, where)
+                kinds = role_order_warnings(sample["messages"])
+                warning = f"{where}: {'; '.join(kinds)}" if kinds else ""
+                encoded = self._encode(sample, where)
+            except (SampleFormatError, _Unreadable) as err:
                 if not self.skip_bad_rows:
                     raise
                 encoded, status = None, f"bad_row: {err}"
             else:
-                encoded = self.template.encode(sample)
                 status = encoded.drop_reason
             ids = encoded.input_ids if encoded else []
             labels = encoded.labels if encoded else []
@@ -118,17 +132,31 @@ class _RowEncoder:
             out["num_trained"].append(sum(1 for x in labels if x != IGNORE_INDEX))
             out["truncated"].append(bool(encoded and encoded.truncated))
             out["status"].append(status)
+            out["warning"].append(warning)
         return out
+
+    def _encode(self, sample: dict, where: str):
+        try:
+            return self.template.encode(sample)
+        except TemplateError:
+            raise  # the template cannot be used at all: not this row's fault
+        except (ValueError, jinja2.TemplateError) as err:  # the template refused this conversation
+            raise SampleFormatError(where, "a conversation the tokenizer's chat template can render",
+                                    f"{type(err).__name__}: {err}") from None
 
 
 def load_raw_mixture(settings: SFTDataSettings) -> datasets.Dataset:
     """All datasets of the settings, each with its detected format, sampled and mixed."""
     parts = []
     for index, text in enumerate(settings.datasets):
-        part = load_source(text, seed=settings.seed + index)
+        part = load_source(text, seed=settings.seed + index, skip_bad_rows=settings.skip_bad_rows)
         if len(part) == 0:
             raise ValueError(f"dataset {text!r}: expected at least one row, found an empty dataset")
-        first = part[0]
+        readable = next((i for i, error in enumerate(part["error"]) if not error), None)
+        if readable is None:
+            raise ValueError(f"dataset {text!r}: expected at least one readable row, found none; the first: "
+                             f"{part[0]['error']}")
+        first = part[readable]
         fmt = detect_format(json.loads(first["raw"]), location(first["origin"], first["line"]))
         parts.append(part.add_column("format", [fmt] * len(part)))
     return mix_sources(parts, seed=settings.seed, shuffle=settings.shuffle)
@@ -151,7 +179,8 @@ def _encode_all(settings: SFTDataSettings, tokenizer, num_proc: int) -> tuple[da
         "rows_in": len(encoded),
         "rows_kept": int(kept.size),
         "dropped": {r: int(sum(1 for s in status if s.startswith(r))) for r in DROP_REASONS},
-        "bad_row_examples": [s[len("bad_row: "):] for s in status if s.startswith("bad_row")][:3],
+        "bad_row_examples": [s[len("bad_row: "):] for s in status if s.startswith("bad_row")][:EXAMPLES],
+        **_role_order_stats(encoded["warning"]),
         "truncated": int(np.asarray(encoded["truncated"])[kept].sum()),
         "tokens": int(lengths[kept].sum()),
         "trained_tokens": int(np.asarray(encoded["num_trained"], dtype=np.int64)[kept].sum()),
@@ -161,9 +190,29 @@ def _encode_all(settings: SFTDataSettings, tokenizer, num_proc: int) -> tuple[da
     }
     if kept.size == 0:
         raise ValueError(f"sft data: expected at least one usable row, found none ({describe_stats(stats)}); "
-                         f"raise max_length, use over_length='truncate', or check the data")
-    dataset = encoded.select(kept.tolist()).remove_columns(["status", "truncated"]).flatten_indices()
+                         f"{_what_to_do(stats)}")
+    dataset = encoded.select(kept.tolist()).remove_columns(["status", "truncated", "warning"]).flatten_indices()
     return dataset, stats
+
+
+def _what_to_do(stats: dict) -> str:
+    advice = []
+    if stats["dropped"]["too_long"]:
+        advice.append("raise --data.seq_length or pass --data.over_length truncate")
+    if stats["dropped"]["bad_row"]:
+        advice.append(f"fix the bad rows (e.g. {stats['bad_row_examples'][0]})")
+    if stats["dropped"]["no_trained_tokens"]:
+        advice.append("check --data.loss_on (rows without a trained assistant turn are dropped)")
+    return "; ".join(advice) or "check the data"
+
+
+def _role_order_stats(warnings: list[str]) -> dict:
+    """{"role_order": {kind: rows}, "role_order_examples": ["file:line: kind", ...]}"""
+    counts: dict[str, int] = {}
+    for warning in warnings:
+        for kind in warning.rpartition(": ")[2].split("; ") if warning else ():
+            counts[kind] = counts.get(kind, 0) + 1
+    return {"role_order": counts, "role_order_examples": [w for w in warnings if w][:EXAMPLES]}
 
 
 def preprocess_sft(settings: SFTDataSettings, tokenizer, cache_dir: str | Path | None = None,
@@ -190,7 +239,20 @@ def preprocess_sft(settings: SFTDataSettings, tokenizer, cache_dir: str | Path |
         result = PreprocessedSFT(dataset, {**stats, "cache_hit": False})
     if report:
         print(describe_stats(result.stats), file=sys.stderr)
+        warning = describe_role_order(result.stats)
+        if warning:
+            print(warning, file=sys.stderr)
     return result
+
+
+def describe_role_order(stats: dict) -> str:
+    """A warning line about unusual role orders, or "" when there were none."""
+    counts = stats.get("role_order") or {}
+    if not counts:
+        return ""
+    kinds = ", ".join(f"{kind}: {n}" for kind, n in counts.items())
+    return (f"sft data: warning: rows with an unusual role order were kept ({kinds}); e.g. "
+            f"{'; '.join(stats['role_order_examples'])}")
 
 
 def describe_stats(stats: dict) -> str:

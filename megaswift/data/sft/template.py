@@ -18,18 +18,54 @@ loss_on:
     all             every token of the conversation (assistant turns still get loss-scale rules)
 An assistant turn is trained up to and including its last special token (the end-of-turn marker,
 e.g. <|im_end|>); whatever the template puts after it (a newline) is not a target.
+
+Over-long rows are found before rendering and tokenizing, which for a 50 MB row would cost minutes and
+gigabytes: no token covers more characters than the longest entry of the tokenizer's vocabulary
+(byte-level vocabularies store one character per byte, so this bounds bytes too), so a conversation
+whose message contents hold more than char_limit = (max_length + 1) x longest entry x 2 characters
+cannot fit (the factor 2 leaves room for normalizers that merge characters and templates that trim).
+`drop` drops such a row at once (counted as too_long); `truncate` first cuts the contents at
+char_limit characters (later messages keep their role with empty content, so which turns are trained
+does not change), which leaves the first max_length + 1 tokens as they were.
+
+Two paths give the same rows (tests/data/sft/test_sft_template_fast_path.py compares them):
+    exact   `encode_exact`, one row at a time: every string from tokenizer.apply_chat_template, the text
+            tokenized by tokenizer(...). The reference.
+    fast    `encode_batch`, a batch of rows. The full text still comes from apply_chat_template, so the
+            tokens are the exact path's. The prefixes are rendered by the compiled Jinja template that
+            apply_chat_template itself uses, with the messages prepared the way it prepares them (None
+            values dropped, plain JSON data, reasoning aliases) once per conversation instead of once
+            per prefix; the last message's prefix is the full text and is not rendered again. Every prefix
+            is checked to be a prefix of the full text (else the row takes the exact path, which gives the
+            real error or the right spans). All texts of a batch go through the Rust tokenizer in one
+            batch call (the call tokenizer(...) makes when it has no truncation or padding to set up).
+            Rendering is cheap next to tokenizing: the exact path's cost was the apply_chat_template call
+            per prefix and the per-row tokenizer call with Python offset lists.
+The fast path is chosen once per chat template: probe conversations (system prompt, multi-round, tools,
+tool calls and tool results, text the agent loss scale weighs) are encoded both ways with this
+template's settings; any difference, or a transformers without the pieces used, keeps the exact path.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
 from megaswift.data.sft.loss_scale import LossScaleConfig
 
+try:  # the pieces apply_chat_template renders with (transformers.utils.chat_template_utils)
+    from transformers.utils import chat_template_utils as _hf_chat
+    _HF_PIECES = all(hasattr(_hf_chat, name) for name in (
+        "_compile_jinja_template", "_normalize_chat_messages", "_plain_template_data", "_alias_reasoning_fields"))
+except ImportError:  # another transformers: every row takes the exact path
+    _hf_chat, _HF_PIECES = None, False
+
 IGNORE_INDEX = -100
 LOSS_ON = ("last_round", "all_assistant", "all")
 OVER_LENGTH = ("drop", "truncate")
+CHAR_LIMIT_SAFETY = 2  # see the module docstring
 
 
 class TemplateError(ValueError):
@@ -47,15 +83,105 @@ class EncodedSample:
 
 def _token_max(char_weights: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per token, the largest weight among the characters [start, end) it covers (the character at its
-    start if it covers none: special tokens). Vectorised over tokens, looping over the longest token's
-    width (a few characters), since byte-level offsets overlap and rule out a single reduceat."""
+    start if it covers none: special tokens). Byte-level offsets overlap and rule out a single reduceat,
+    so this is a range-maximum query over a sparse table: table[j, i] = max(weights[i : i + 2**j]), and a
+    token covering the L characters [s, last] is the max of two windows of 2**floor(log2 L) characters,
+    one starting at s and one ending at last. A handful of vectorised steps per row whatever the widest
+    token (special tokens such as <|im_start|> cover a dozen characters)."""
     padded = np.append(char_weights, np.float32(0))
     starts = offsets[:, 0]
     last = np.maximum(offsets[:, 1], starts + 1) - 1  # the last character each token covers
-    result = padded[starts]
-    for step in range(1, int((last - starts).max(initial=0)) + 1):
-        np.maximum(result, padded[np.minimum(starts + step, last)], out=result)
-    return result
+    level = np.frexp((last - starts + 1).astype(np.float64))[1] - 1  # floor(log2(characters covered))
+    levels = int(level.max(initial=0))
+    table = np.empty((levels + 1, padded.size), dtype=padded.dtype)
+    table[0] = padded
+    for j in range(1, levels + 1):
+        half = 1 << (j - 1)
+        table[j] = table[j - 1]
+        np.maximum(table[j - 1, :-half], table[j - 1, half:], out=table[j, :-half])
+    return np.maximum(table[level, starts], table[level, last - (1 << level) + 1])
+
+
+def _cut_contents(messages: list[dict], char_limit: int) -> list[dict]:
+    """The messages with their contents cut after char_limit characters in all; every message keeps
+    its place and role (so last_round still trains the same turns)."""
+    cut, used = [], 0
+    for message in messages:
+        room = max(char_limit - used, 0)
+        used += len(message["content"])
+        cut.append({**message, "content": message["content"][:room]} if len(message["content"]) > room else message)
+    return cut
+
+
+def _offsets(encoding) -> np.ndarray:
+    """[tokens, 2] int64 character offsets of a Rust `tokenizers.Encoding` (the values tokenizer(...,
+    return_offsets_mapping=True) returns), without building an intermediate array of tuples."""
+    return np.fromiter(chain.from_iterable(encoding.offsets), dtype=np.int64,
+                       count=2 * len(encoding.ids)).reshape(-1, 2)
+
+
+class _PrefixRenderer:
+    """One conversation, prepared once the way apply_chat_template prepares it (render_jinja_template:
+    None-valued keys dropped, plain JSON data, reasoning aliases), rendered at any prefix length with the
+    compiled template and the variables apply_chat_template passes. Every preparation step maps each
+    message on its own, so preparing the whole list and slicing it equals preparing each prefix."""
+
+    def __init__(self, tokenizer, messages: list[dict], tools: list[dict] | None):
+        tools = tools or None  # as SFTTemplate.render passes them
+        if tools is not None and not all(isinstance(tool, dict) for tool in tools):
+            raise TypeError("tools given as callables: rendered the exact way")
+        self.template = _hf_chat._compile_jinja_template(tokenizer.get_chat_template(None, tools))
+        self.tools = _hf_chat._plain_template_data(tools)
+        self.variables = _hf_chat._plain_template_data(tokenizer.special_tokens_map)
+        self.chat = _hf_chat._alias_reasoning_fields(
+            _hf_chat._plain_template_data(_hf_chat._normalize_chat_messages(messages)))
+
+    def render(self, length: int, add_generation_prompt: bool) -> str:
+        return self.template.render(messages=self.chat[:length], tools=self.tools, documents=None,
+                                    add_generation_prompt=add_generation_prompt, **self.variables)
+
+
+def _rust_encode_batch_is_the_call(tokenizer) -> bool:
+    """Whether tokenizer(texts, add_special_tokens=False) comes down to backend.encode_batch(texts,
+    add_special_tokens=False) unchanged: the stock transformers classes, and a backend with no truncation
+    or padding left set and the same special-token splitting (what tokenizer(...) would set up first)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return (backend is not None and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+            and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+            and not hasattr(tokenizer, "_switch_to_input_mode")
+            and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False)))
+
+
+# Probe conversations for choosing the path per template: every shape the encoder meets (system prompt,
+# several rounds, tools, a tool call without text, tool results, text the agent loss scale weighs).
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "lookup", "description": "Look a word up in the dictionary.",
+    "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}}]
+_PROBE_CALL = {"type": "function", "function": {"name": "lookup", "arguments": {"word": "lattice"}}}
+
+
+def _probe_samples() -> list[dict]:
+    system = {"role": "system", "content": "You answer briefly and use tools when they help."}
+    ask = {"role": "user", "content": "What does lattice mean?"}
+    react = {"role": "assistant", "content": 'Thought: look it up.\nAction: lookup\nAction Input: {"word": "lattice"}\n'
+                                             "Observation: a framework of crossed strips\nFinal Answer: a grid."}
+    call = {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}
+    result = {"role": "tool", "content": '{"meaning": "a framework of crossed strips"}'}
+    answer = {"role": "assistant", "content": "A framework of crossed strips,\n  like a trellis."}
+    again = {"role": "user", "content": "Thanks! And in one word?"}
+    short = {"role": "assistant", "content": "Grid."}
+    return [
+        {"messages": [ask, short]},
+        {"messages": [system, ask, react, again, short]},
+        {"messages": [system, ask, call, result, answer, again, short], "tools": _PROBE_TOOLS},
+        {"messages": [ask, call, result, answer], "tools": _PROBE_TOOLS},
+    ]
 
 
 class SFTTemplate:
@@ -79,6 +205,14 @@ class SFTTemplate:
         self.over_length = over_length
         self.loss_scale = loss_scale or LossScaleConfig("default")
         self.special_ids = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        # special_ids as a lookup table by token id: a gather instead of np.isin's sort per turn
+        self._is_special = np.zeros(max(len(tokenizer), int(self.special_ids.max(initial=-1)) + 1), dtype=bool)
+        self._is_special[self.special_ids] = True
+        longest_token = max(map(len, tokenizer.get_vocab()), default=1)
+        self.char_limit = None if max_length is None else (max_length + 1) * longest_token * CHAR_LIMIT_SAFETY
+        self._fast_by_template: dict[str, bool] = {}  # chat template (repr) -> fast path chosen
+
+    # ---- what both paths share -----------------------------------------------------------------------
 
     def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
@@ -92,29 +226,19 @@ class SFTTemplate:
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         return [i for i in assistant if i > last_user]
 
-    def turn_span(self, messages: list[dict], tools, index: int, text: str) -> tuple[int, int]:
-        """Character span [start, end) of assistant turn `index` inside the full rendering `text`."""
-        head = self.render(messages[:index], tools, add_generation_prompt=True)
-        upto = self.render(messages[:index + 1], tools)
-        if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
-            raise TemplateError(
-                f"the chat template of {self.tokenizer.name_or_path!r} renders message {index} differently "
-                f"depending on what follows it, so its tokens cannot be located: expected the rendering of "
-                f"messages[:{index}] (+generation prompt) and of messages[:{index + 1}] to be prefixes of the "
-                f"full conversation. Use a template that renders earlier turns the same way.")
-        return len(head), len(upto)
+    def _needs_spans(self) -> bool:
+        return self.loss_on != "all" or bool(self.loss_scale.rules)
 
-    def encode(self, sample: dict) -> EncodedSample:
+    def _fit_contents(self, sample: dict) -> tuple[list[dict], list | None, EncodedSample | None]:
+        """(messages, tools, None), with contents cut for `truncate`; or a too_long drop for `drop`."""
         messages, tools = sample["messages"], sample.get("tools")
-        text = self.render(messages, tools)
-        turns = self.trained_turns(messages)
-        has_rules = bool(self.loss_scale.rules)
-        spans = [self.turn_span(messages, tools, i, text) for i in turns] \
-            if (self.loss_on != "all" or has_rules) else []
+        if self.char_limit is not None and sum(len(m["content"].strip()) for m in messages) > self.char_limit:
+            if self.over_length == "drop":
+                return messages, tools, EncodedSample(drop_reason="too_long")
+            messages = _cut_contents(messages, self.char_limit)
+        return messages, tools, None
 
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    def _weigh(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray, offsets: np.ndarray) -> EncodedSample:
         char_w = np.full(len(text), 1.0 if self.loss_on == "all" else 0.0, dtype=np.float32)
         for start, end in spans:
             char_w[start:end] = self.loss_scale.char_weights(text[start:end])
@@ -126,9 +250,11 @@ class SFTTemplate:
     def _stop_after_end_of_turn(self, token_w, ids, offsets, spans) -> None:
         """Zero the tokens of a turn after its last special token (the end-of-turn marker)."""
         starts = offsets[:, 0]
+        by_id = ids.size == 0 or int(ids.max()) < self._is_special.size  # else np.isin (same answer)
         for start, end in spans:
             first, stop = np.searchsorted(starts, start), np.searchsorted(starts, end)
-            special = np.flatnonzero(np.isin(ids[first:stop], self.special_ids))
+            turn = ids[first:stop]
+            special = np.flatnonzero(self._is_special[turn] if by_id else np.isin(turn, self.special_ids))
             if special.size:
                 token_w[first + special[-1] + 1:stop] = 0.0
 
@@ -143,3 +269,120 @@ class SFTTemplate:
             return EncodedSample(drop_reason="no_trained_tokens")
         labels = np.where(weights > 0, ids[1:], IGNORE_INDEX)
         return EncodedSample(ids[:-1].tolist(), labels.tolist(), weights.tolist(), truncated=truncated)
+
+    # ---- the exact path: the reference -----------------------------------------------------------------
+
+    def turn_span(self, messages: list[dict], tools, index: int, text: str) -> tuple[int, int]:
+        """Character span [start, end) of assistant turn `index` inside the full rendering `text`."""
+        head = self.render(messages[:index], tools, add_generation_prompt=True)
+        upto = self.render(messages[:index + 1], tools)
+        if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
+            raise TemplateError(
+                f"the chat template of {self.tokenizer.name_or_path!r} renders message {index} differently "
+                f"depending on what follows it, so its tokens cannot be located: expected the rendering of "
+                f"messages[:{index}] (+generation prompt) and of messages[:{index + 1}] to be prefixes of the "
+                f"full conversation. Use a template that renders earlier turns the same way.")
+        return len(head), len(upto)
+
+    def encode_exact(self, sample: dict) -> EncodedSample:
+        """One row the reference way: apply_chat_template for the text and every prefix, tokenizer(...)."""
+        messages, tools, dropped = self._fit_contents(sample)
+        if dropped is not None:
+            return dropped
+        text = self.render(messages, tools)
+        spans = [self.turn_span(messages, tools, i, text) for i in self.trained_turns(messages)] \
+            if self._needs_spans() else []
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return self._weigh(text, spans, ids, offsets)
+
+    # ---- the fast path ---------------------------------------------------------------------------------
+
+    def encode(self, sample: dict) -> EncodedSample:
+        (result,) = self.encode_batch([sample])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def encode_batch(self, samples: list[dict]) -> list[EncodedSample | Exception]:
+        """Encode rows together (the fast path when this template has it, else one by one the exact way).
+        A row that cannot be encoded gets, in its place, the exception `encode_exact` raises for it (a
+        TemplateError, or the template's own error); the caller raises it or counts the row as bad."""
+        fast = self.fast_path()
+        results: list = [None] * len(samples)
+        rendered = []  # (row, text, spans) waiting for the batch tokenization
+        for row, sample in enumerate(samples):
+            try:
+                prepared = self._render_fast(sample) if fast else None
+                if prepared is None:
+                    results[row] = self.encode_exact(sample)
+                elif isinstance(prepared, EncodedSample):
+                    results[row] = prepared
+                else:
+                    rendered.append((row, *prepared))
+            except Exception as err:  # noqa: BLE001 - the row's own error, handed back in its place
+                results[row] = err
+        for (row, text, spans), encoding in zip(rendered, self._encodings([text for _, text, _ in rendered])):
+            results[row] = self._weigh(text, spans, np.array(encoding.ids, dtype=np.int64), _offsets(encoding))
+        return results
+
+    def _render_fast(self, sample: dict):
+        """A dropped EncodedSample, (text, spans), or None where the exact path must decide (a prefix that is
+        not a prefix of the text, a prefix the fast renderer cannot render, an assistant message first)."""
+        messages, tools, dropped = self._fit_contents(sample)
+        if dropped is not None:
+            return dropped
+        text = self.render(messages, tools)  # apply_chat_template: the tokens are the exact path's
+        if not self._needs_spans():
+            return text, []
+        spans, last = [], len(messages) - 1
+        try:
+            prefixes = None
+            for index in self.trained_turns(messages):
+                if index == 0:  # apply_chat_template refuses the empty prefix; the exact path says how
+                    return None
+                prefixes = prefixes or _PrefixRenderer(self.tokenizer, messages, tools)
+                head = prefixes.render(index, add_generation_prompt=True)
+                upto = text if index == last else prefixes.render(index + 1, add_generation_prompt=False)
+                if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
+                    return None
+                spans.append((len(head), len(upto)))
+        except Exception:  # noqa: BLE001 - the exact path renders the row again and raises the real error
+            return None
+        return text, spans
+
+    def _encodings(self, texts: list[str]) -> list:
+        """Rust `Encoding`s of the texts, tokenized as tokenizer(text, add_special_tokens=False) does."""
+        if not texts:
+            return []
+        if _rust_encode_batch_is_the_call(self.tokenizer):
+            return self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return self.tokenizer(texts, add_special_tokens=False).encodings
+
+    def fast_path(self) -> bool:
+        """Whether rows of the current chat template take the fast path; decided once per template by
+        encoding the probe conversations both ways (see the module docstring)."""
+        key = repr(self.tokenizer.chat_template)
+        if key not in self._fast_by_template:
+            self._fast_by_template[key] = _HF_PIECES and self._fast_path_matches_exact()
+        return self._fast_by_template[key]
+
+    def _fast_path_matches_exact(self) -> bool:
+        compared = 0
+        for sample in _probe_samples():
+            try:
+                expected = self.encode_exact(sample)
+            except Exception:  # noqa: BLE001 - the template refuses this shape (e.g. tools): nothing to compare
+                continue
+            prepared = self._render_fast(sample)
+            if prepared is None:
+                return False
+            if not isinstance(prepared, EncodedSample):
+                text, spans = prepared
+                (encoding,) = self._encodings([text])
+                prepared = self._weigh(text, spans, np.array(encoding.ids, dtype=np.int64), _offsets(encoding))
+            if prepared != expected:
+                return False
+            compared += 1
+        return compared > 0

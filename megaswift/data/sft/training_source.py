@@ -8,6 +8,8 @@ loss_mask, loss_scale, position_ids. Packed rows keep attention inside each samp
     "thd"   the row's cu_seqlens; a micro-batch becomes one THD sequence with megatron-core
             PackedSeqParams and no mask (Transformer Engine attention), see packing.collate_thd.
 Row order is a seeded permutation per epoch, so a resumed run sees the same rows as an uninterrupted one.
+The dataset paths are checked when SFTData is made (before the model is built); the token ids of the
+preprocessed samples are checked against the model's vocabulary before the first step.
 """
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from megaswift.config import SFTDataConfig
+from megaswift.config import ConfigError, SFTDataConfig
+from megaswift.data.data_paths import check_sft_paths
 from megaswift.data.micro_batches import SplitIterators, stack_rows
 from megaswift.data.sft.packing import PackedSFTDataset, block_diagonal_causal_mask, collate_padded, collate_thd
 from megaswift.data.sft.preprocess import SFTDataSettings, preprocess_sft
@@ -69,9 +72,11 @@ class TrainingRows(torch.utils.data.Dataset):
 
 class SFTData(SplitIterators):
     def __init__(self, data: SFTDataConfig, tokenizer, seed: int, micro_batch_size: int,
-                 packed_attention: str = "mask"):
+                 packed_attention: str = "mask", model_vocab_size: int | None = None):
+        check_sft_paths(data.datasets, data.loss_scale)
         self.data, self.tokenizer, self.seed, self.micro = data, tokenizer, seed, micro_batch_size
         self.packed_attention = packed_attention
+        self.model_vocab_size = model_vocab_size
         self._built = None
         self.stats: dict = {}
 
@@ -108,6 +113,8 @@ class SFTData(SplitIterators):
             result = self._preprocess()
             self.stats = result.stats
             samples = result.dataset
+            if self.model_vocab_size is not None:
+                check_sample_token_ids(samples, self.model_vocab_size, self.data.tokenizer, self.data.datasets)
             n_valid = int(len(samples) * self.data.valid_fraction)
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             make = lambda part: TrainingRows(part, self.data.seq_length, pad_id, self.data.packing, self.seed,
@@ -116,6 +123,18 @@ class SFTData(SplitIterators):
             valid = make(samples.select(range(n_valid))) if n_valid else None
             self._built = (train, valid)
         return self._built
+
+
+def check_sample_token_ids(samples, model_vocab_size: int, tokenizer_name, datasets: list[str]) -> None:
+    """ConfigError when an encoded token id is at or past the model's vocabulary (it would fail at step 1
+    inside the embedding); a max over the Arrow columns, no Python loop."""
+    import pyarrow.compute as pc
+    largest = max(pc.max(pc.list_flatten(samples.data.column(name))).as_py() or -1 for name in ("input_ids", "labels"))
+    if largest >= model_vocab_size:
+        raise ConfigError(
+            f"sft data: the tokenizer {tokenizer_name} gives token id {largest} (in {', '.join(datasets)}), but the "
+            f"model's vocabulary has {model_vocab_size} ids (0..{model_vocab_size - 1}); training would fail at "
+            f"step 1. Use the model's own tokenizer (--data.tokenizer), or a model with vocab_size > {largest}.")
 
 
 def _share_preprocessing_outcome(ok: bool | None) -> bool:

@@ -69,6 +69,9 @@ def test_position_ids_restart_and_cu_seqlens_match_the_samples(packed):
 
 
 def test_first_fit_decreasing_fills_rows(packed):
+    from tests.kernels.test_packing import first_fit_decreasing_by_scan
+    # exactly the textbook first-fit-decreasing bins (an unsorted first fit, too, passes the checks below)
+    assert packed.bins == first_fit_decreasing_by_scan(list(packed.lengths), SEQ)
     assert sum(packed.lengths) <= len(packed) * SEQ
     # no two rows could be merged: first fit leaves at most one row at most half full
     fills = sorted(sum(packed.lengths[i] for i in b) for b in packed.bins)
