@@ -1,13 +1,25 @@
-"""SFT data benchmarks: preprocessing throughput, packing fill ratio, packing time.
+"""SFT data benchmarks: encoding speed against a plain render + tokenize, packing fill ratio, packing time.
 
-    .venv/bin/python benchmarks/sft_data.py [--samples 50000] [--num-proc 2]
+    .venv/bin/python benchmarks/sft_data.py [--samples 6000] [--rounds 3]
 
-1. Preprocessing a generated chat set (multi-turn, text from pydoc_data.topics) with the tiny
-   tokenizer: samples/s and tokens/s of preprocess_sft, against a baseline measured in the same
-   run: rendering each conversation once with the chat template and tokenizing it (no masks).
-2. Packing fill ratio on a long-tailed (log-normal) length distribution, first-fit-decreasing
+1. Encoding speed per process (goal: >= 0.8x of the plain render + tokenize). A generated chat set
+   (multi-turn, text from pydoc_data.topics) with the tiny tokenizer. Each round times, in alternating
+   order, on the same rows and in batches of 256:
+     baseline   tokenizer.apply_chat_template(..., tokenize=False) per row + tokenizer(batch): the plain
+                render + tokenize (the issue's yardstick);
+     fast       SFTTemplate.encode_batch: input_ids, labels, loss_scale (the path preprocess_sft runs);
+     exact      SFTTemplate.encode_exact row by row (the reference path, the speed before), on a tenth of
+                the rows;
+   for loss_on all_assistant (every assistant turn located) and last_round. The ratio is fast samples/s
+   over baseline samples/s within a round; the report gives the median and the spread (min, max) over
+   rounds, in process CPU time (what other programs on a loaded machine do not change) and in wall time.
+   The Rust tokenizer runs single-threaded (TOKENIZERS_PARALLELISM=false): per process, as with
+   preprocess_sft's worker processes.
+2. The whole pipeline (preprocess_sft, num_proc=1, no cache: reading the jsonl, normalising, encoding,
+   writing the Arrow dataset) against the same baseline, alternated the same way.
+3. Packing fill ratio on a long-tailed (log-normal) length distribution, first-fit-decreasing
    against packing in data order (next fit). Goal: >= 97%.
-3. Time to pack one million lengths. Goal: <= 1 s (needs the C++ op of megaswift.kernels).
+4. Time to pack one million lengths. Goal: <= 1 s (needs the C++ op of megaswift.kernels).
 Writes benchmarks/results/sft_data.json.
 """
 from __future__ import annotations
@@ -15,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # per-process figures: one tokenizer thread (see 1.)
 import platform
 import random
 import sys
@@ -27,7 +41,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from megaswift.data.sft.loss_scale import load_loss_scale  # noqa: E402
 from megaswift.data.sft.preprocess import SFTDataSettings, preprocess_sft  # noqa: E402
+from megaswift.data.sft.template import SFTTemplate  # noqa: E402
 from megaswift.data.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 from megaswift.kernels import _dispatch, pack_first_fit_decreasing  # noqa: E402
 
@@ -47,30 +63,97 @@ def chat_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def bench_preprocess(num_samples: int, num_proc: int, work: Path) -> dict:
-    tokenizer = build_tiny_tokenizer(work / "tokenizer")
-    rows = chat_rows(num_samples, seed=0)
+BATCH = 256  # rows per tokenizer call, as preprocess_sft's datasets.map batches
+
+
+class _Timer:
+    """Wall and process-CPU seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _baseline(tokenizer, rows: list[dict]) -> int:
+    """The plain render + tokenize; returns the token count."""
+    tokens = 0
+    for i in range(0, len(rows), BATCH):
+        texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows[i:i + BATCH]]
+        tokens += sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return tokens
+
+
+def _fast(template: SFTTemplate, rows: list[dict]) -> int:
+    encoded = [e for i in range(0, len(rows), BATCH) for e in template.encode_batch(rows[i:i + BATCH])]
+    return sum(len(e.input_ids) + 1 for e in encoded if not e.drop_reason)
+
+
+def _exact(template: SFTTemplate, rows: list[dict]) -> int:
+    return sum(len(e.input_ids) + 1 for e in map(template.encode_exact, rows) if not e.drop_reason)
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(float(np.median(values)), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "rounds": [round(v, 3) for v in values]}
+
+
+def _ratios(runs: dict, name: str, clock: str) -> dict:
+    return _spread([b[clock] / r[clock] for b, r in zip(runs["baseline"], runs[name])])
+
+
+def bench_encode(tokenizer, rows: list[dict], rounds: int) -> dict:
+    results = {}
+    for loss_on in ("all_assistant", "last_round"):
+        template = SFTTemplate(tokenizer, loss_on, max_length=4096, loss_scale=load_loss_scale("default"))
+        assert template.fast_path(), "the tiny ChatML template takes the fast path"
+        subset = rows[:max(len(rows) // 10, 1)]
+        assert template.encode_batch(subset) == [template.encode_exact(r) for r in subset]  # same rows
+        runs = {"baseline": [], "fast": [], "exact": []}
+        for round_index in range(rounds):
+            order = [("baseline", _baseline, tokenizer, rows), ("fast", _fast, template, rows)]
+            order = order if round_index % 2 == 0 else order[::-1]  # alternate who goes first
+            for name, run, target, data in order + [("exact", _exact, template, subset)]:
+                with _Timer() as timer:
+                    tokens = run(target, data)
+                runs[name].append({"wall": timer.wall / len(data), "cpu": timer.cpu / len(data), "tokens": tokens})
+        results[loss_on] = {
+            "samples": len(rows), "exact_samples": len(subset),
+            "samples_per_s_cpu": {name: _spread([1 / r["cpu"] for r in values]) for name, values in runs.items()},
+            "samples_per_s_wall": {name: _spread([1 / r["wall"] for r in values]) for name, values in runs.items()},
+            "fast_vs_baseline_cpu": _ratios(runs, "fast", "cpu"),
+            "fast_vs_baseline_wall": _ratios(runs, "fast", "wall"),
+            "exact_vs_baseline_cpu": _ratios(runs, "exact", "cpu"),
+            "fast_vs_exact_cpu": _spread([e["cpu"] / f["cpu"] for e, f in zip(runs["exact"], runs["fast"])]),
+        }
+    return results
+
+
+def bench_pipeline(tokenizer, rows: list[dict], rounds: int, num_proc: int, work: Path) -> dict:
     data = work / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    start = time.perf_counter()  # baseline: one render + one tokenization per sample, nothing else
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-    baseline_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    baseline_s = time.perf_counter() - start
-
     settings = SFTDataSettings(datasets=[str(data)], max_length=4096, loss_on="all_assistant")
-    result = preprocess_sft(settings, tokenizer, cache_dir=work / "cache", num_proc=num_proc)
-    cached_start = time.perf_counter()
-    preprocess_sft(settings, tokenizer, cache_dir=work / "cache", num_proc=num_proc, report=False)
-    stats = result.stats
+    runs = {"baseline": [], "pipeline": []}
+    for round_index in range(rounds):
+        order = [("baseline", lambda: _baseline(tokenizer, rows)),
+                 ("pipeline", lambda: preprocess_sft(settings, tokenizer, num_proc=num_proc, report=False))]
+        for name, run in (order if round_index % 2 == 0 else order[::-1]):
+            with _Timer() as timer:
+                run()
+            runs[name].append({"wall": timer.wall / len(rows), "cpu": timer.cpu / len(rows)})
+    cached = work / "cache"
+    preprocess_sft(settings, tokenizer, cache_dir=cached, num_proc=num_proc, report=False)
+    with _Timer() as timer:
+        preprocess_sft(settings, tokenizer, cache_dir=cached, num_proc=num_proc, report=False)
     return {
-        "samples": num_samples, "num_proc": num_proc, "tokens": stats["tokens"],
-        "samples_per_s": stats["samples_per_s"], "tokens_per_s": stats["tokens_per_s"],
-        "seconds": stats["seconds"], "cache_load_seconds": round(time.perf_counter() - cached_start, 3),
-        "baseline_render_tokenize_1proc": {"seconds": round(baseline_s, 3),
-                                           "samples_per_s": round(num_samples / baseline_s, 1),
-                                           "tokens_per_s": round(baseline_tokens / baseline_s, 1)},
-        "pipeline_vs_baseline_samples_per_s": round(stats["samples_per_s"] / (num_samples / baseline_s), 3),
+        "samples": len(rows), "num_proc": num_proc,
+        "samples_per_s_wall": {name: _spread([1 / r["wall"] for r in values]) for name, values in runs.items()},
+        "pipeline_vs_baseline_wall": _ratios(runs, "pipeline", "wall"),
+        # with num_proc > 1 the workers' CPU time is not this process's: the CPU ratio is for num_proc=1
+        **({"pipeline_vs_baseline_cpu": _ratios(runs, "pipeline", "cpu")} if num_proc == 1 else {}),
+        "cache_load_seconds": round(timer.wall, 3),
     }
 
 
@@ -113,21 +196,31 @@ def bench_pack_time(num_samples: int, capacity: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=50_000, help="chat samples to preprocess")
-    parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=6000, help="chat samples to encode")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (>= 3 for a spread)")
+    parser.add_argument("--num-proc", type=int, default=1, help="preprocess_sft worker processes")
     parser.add_argument("--pack-samples", type=int, default=1_000_000)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sft_data.json")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
+    rows = chat_rows(args.samples, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        preprocess = bench_preprocess(args.samples, args.num_proc, Path(tmp))
+        tokenizer = build_tiny_tokenizer(Path(tmp) / "tokenizer")
+        encode = bench_encode(tokenizer, rows, args.rounds)
+        load_after_encode = os.getloadavg()[0]
+        pipeline = bench_pipeline(tokenizer, rows, args.rounds, args.num_proc, Path(tmp))
     results = {
-        # the load average says how much other work shared the cores during the run
+        # the load average says how much other work shared the cores during the run; CPU-time ratios do not
+        # depend on it, wall-time ratios do
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "load_average_before": load_before,
-                    "load_average_after_preprocess": os.getloadavg()[0]},
-        "preprocess": preprocess,
+                    "load_average_after_encode": load_after_encode,
+                    "load_average_after_pipeline": os.getloadavg()[0],
+                    "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")},
+        "goal_fast_vs_baseline": 0.8,
+        "encode": encode,
+        "pipeline": pipeline,
         "packing_fill": bench_fill(100_000, args.capacity),
         "packing_time": bench_pack_time(args.pack_samples, args.capacity),
     }

@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "convert": ("megaswift.cli.convert", "convert checkpoints: hf2mcore / mcore2hf"),
     "launch": ("megaswift.cli.launch", "launch a megaswift command with torchrun (single/multi-node, Slurm)"),
     "doctor": ("megaswift.cli.doctor", "report the environment, the built kernels and which path each op uses"),
+    "infer": ("megaswift.cli.infer", "generate answers for a dataset, or chat, with an exported model (+ adapters)"),
+    "deploy": ("megaswift.cli.deploy", "serve a model and its LoRA adapters with an OpenAI-compatible API"),
 }
 
 

@@ -74,7 +74,7 @@ def test_output_dir_defaults_inside_the_run_and_config_yaml_is_written(demo_data
     import yaml
     from megaswift.train.metrics import default_output_dir
     ckpt = tmp_path / "ckpt"
-    flags = [flag for flag in pt_flags(demo_data, tmp_path / "unused", train__train_iters=1, checkpoint__save=ckpt)]
+    flags = pt_flags(demo_data, tmp_path / "unused", train__train_iters=1, checkpoint__save=ckpt)
     at = flags.index("--logging.output_dir")
     run_pt(flags[:at] + flags[at + 2:])
     assert [json.loads(line)["step"] for line in (ckpt / "logs" / "metrics.jsonl").read_text().splitlines()] == [1]

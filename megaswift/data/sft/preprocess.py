@@ -99,28 +99,37 @@ class _Unreadable(ValueError):
 
 
 class _RowEncoder:
-    """The function `datasets.map` runs: raw rows -> encoded rows with a status (picklable)."""
+    """The function `datasets.map` runs: raw rows -> encoded rows with a status (picklable). The rows of a
+    batch are read first, then encoded together (SFTTemplate.encode_batch: one tokenizer call per batch);
+    errors are raised or counted in row order, as if the rows were encoded one by one."""
 
     def __init__(self, template: SFTTemplate, skip_bad_rows: bool):
         self.template, self.skip_bad_rows = template, skip_bad_rows
 
     def __call__(self, batch: dict) -> dict:
-        out = {name: [] for name in OUTPUT_FEATURES}
+        read = []  # per row: (where, sample or None, warning, error or None)
         for raw, origin, line, fmt, error in zip(batch["raw"], batch["origin"], batch["line"], batch["format"],
                                                  batch["error"]):
             where = location(origin, line)
-            encoded, warning = None, ""
             try:
                 if error:  # a row the reader could not read (there only with skip_bad_rows): error names it
                     raise _Unreadable(error)
                 sample = normalise_row(json.loads(raw), fmt, where)
-                kinds = role_order_warnings(sample["messages"])
-                warning = f"{where}: {'; '.join(kinds)}" if kinds else ""
-                encoded = self._encode(sample, where)
-            except (SampleFormatError, _Unreadable) as err:
-                if not self.skip_bad_rows:
-                    raise
-                encoded, status = None, f"bad_row: {err}"
+            except Exception as err:  # noqa: BLE001 - raised (or counted) below, in row order
+                read.append((where, None, "", err))
+                continue
+            kinds = role_order_warnings(sample["messages"])
+            read.append((where, sample, f"{where}: {'; '.join(kinds)}" if kinds else "", None))
+        encoded_rows = iter(self.template.encode_batch([sample for _, sample, _, _ in read if sample is not None]))
+        out = {name: [] for name in OUTPUT_FEATURES}
+        for where, sample, warning, err in read:
+            encoded = next(encoded_rows) if sample is not None else None
+            if isinstance(encoded, Exception):
+                encoded, err = None, self._encode_error(encoded, where)
+            if err is not None:
+                if not self.skip_bad_rows or not isinstance(err, (SampleFormatError, _Unreadable)):
+                    raise err
+                status = f"bad_row: {err}"
             else:
                 status = encoded.drop_reason
             ids = encoded.input_ids if encoded else []
@@ -129,20 +138,21 @@ class _RowEncoder:
             out["labels"].append(labels)
             out["loss_scale"].append(encoded.loss_scale if encoded else [])
             out["length"].append(len(ids))
-            out["num_trained"].append(sum(1 for x in labels if x != IGNORE_INDEX))
+            out["num_trained"].append(len(labels) - labels.count(IGNORE_INDEX))
             out["truncated"].append(bool(encoded and encoded.truncated))
             out["status"].append(status)
             out["warning"].append(warning)
         return out
 
-    def _encode(self, sample: dict, where: str):
-        try:
-            return self.template.encode(sample)
-        except TemplateError:
-            raise  # the template cannot be used at all: not this row's fault
-        except (ValueError, jinja2.TemplateError) as err:  # the template refused this conversation
-            raise SampleFormatError(where, "a conversation the tokenizer's chat template can render",
-                                    f"{type(err).__name__}: {err}") from None
+    @staticmethod
+    def _encode_error(err: Exception, where: str) -> Exception:
+        """What to raise (or count) for a row the template could not encode."""
+        if isinstance(err, TemplateError):
+            return err  # the template cannot be used at all: not this row's fault (raised, never skipped)
+        if isinstance(err, (ValueError, jinja2.TemplateError)):  # the template refused this conversation
+            return SampleFormatError(where, "a conversation the tokenizer's chat template can render",
+                                     f"{type(err).__name__}: {err}")
+        return err
 
 
 def load_raw_mixture(settings: SFTDataSettings) -> datasets.Dataset:

@@ -28,22 +28,27 @@ cannot fit (the factor 2 leaves room for normalizers that merge characters and t
 char_limit characters (later messages keep their role with empty content, so which turns are trained
 does not change), which leaves the first max_length + 1 tokens as they were.
 
-Two paths give the same rows (tests/data/sft/test_sft_template_fast_path.py compares them):
-    exact   `encode_exact`, one row at a time: every string from tokenizer.apply_chat_template, the text
-            tokenized by tokenizer(...). The reference.
-    fast    `encode_batch`, a batch of rows. The full text still comes from apply_chat_template, so the
-            tokens are the exact path's. The prefixes are rendered by the compiled Jinja template that
-            apply_chat_template itself uses, with the messages prepared the way it prepares them (None
-            values dropped, plain JSON data, reasoning aliases) once per conversation instead of once
-            per prefix; the last message's prefix is the full text and is not rendered again. Every prefix
-            is checked to be a prefix of the full text (else the row takes the exact path, which gives the
-            real error or the right spans). All texts of a batch go through the Rust tokenizer in one
-            batch call (the call tokenizer(...) makes when it has no truncation or padding to set up).
-            Rendering is cheap next to tokenizing: the exact path's cost was the apply_chat_template call
-            per prefix and the per-row tokenizer call with Python offset lists.
-The fast path is chosen once per chat template: probe conversations (system prompt, multi-round, tools,
-tool calls and tool results, text the agent loss scale weighs) are encoded both ways with this
-template's settings; any difference, or a transformers without the pieces used, keeps the exact path.
+Two paths give the same rows (tests/data/sft/test_sft_template_fast_path.py compares them on generated
+agent/multi-round data under several real chat templates):
+    exact   `encode_exact`, one row at a time: every string (the text and each prefix) from
+            tokenizer.apply_chat_template, the text tokenized by tokenizer(..., return_offsets_mapping=True).
+            The reference, and the path of a template the fast path is not proven for.
+    fast    `encode_batch` (and `encode`), a batch of rows. Each conversation is prepared once the way
+            apply_chat_template prepares it, with transformers' own functions (None values dropped, plain
+            JSON data, reasoning aliases), and the text and the prefixes are rendered from it by the
+            compiled Jinja template apply_chat_template itself uses, with the same variables: no
+            re-preparation per prefix, and the last message's prefix is the text itself. Every prefix must
+            be a prefix of the text, else (or on any rendering error) the row takes the exact path, which
+            gives the real error or the right spans. All texts of a batch go through the Rust tokenizer in
+            one call (the call tokenizer(...) makes when no truncation or padding is set), and the masks,
+            weights and shifts are computed for the whole batch at once.
+The fast path is chosen once per chat template (again if the template changes): probe conversations
+(system prompt, several rounds, tools, a tool call without text, tool results, text the agent loss
+scale weighs) are encoded both ways with this template's settings; any difference, a probe the fast
+path would hand to the exact path, or a transformers without the functions used keeps the exact path.
+Rendering each prefix is still needed (a template may render anything before a turn), but as a string
+from the prepared messages; what it costs next to the render + tokenize of the text is measured in
+benchmarks/sft_data.py.
 """
 
 from __future__ import annotations
@@ -113,11 +118,15 @@ def _cut_contents(messages: list[dict], char_limit: int) -> list[dict]:
     return cut
 
 
-def _offsets(encoding) -> np.ndarray:
-    """[tokens, 2] int64 character offsets of a Rust `tokenizers.Encoding` (the values tokenizer(...,
-    return_offsets_mapping=True) returns), without building an intermediate array of tuples."""
-    return np.fromiter(chain.from_iterable(encoding.offsets), dtype=np.int64,
-                       count=2 * len(encoding.ids)).reshape(-1, 2)
+def _flatten_encodings(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [tokens], offsets [tokens, 2], row bounds [rows + 1]) of Rust `tokenizers.Encoding`s, all rows
+    end to end: the values tokenizer(..., return_offsets_mapping=True) returns, read in one pass each."""
+    counts = [len(encoding.ids) for encoding in encodings]
+    total = sum(counts)
+    ids = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), dtype=np.int64, count=total)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(encoding.offsets for encoding in encodings)),
+                          dtype=np.int64, count=2 * total).reshape(-1, 2)
+    return ids, offsets, np.cumsum([0, *counts])
 
 
 class _PrefixRenderer:
@@ -247,6 +256,26 @@ class SFTTemplate:
             self._stop_after_end_of_turn(token_w, ids, offsets, spans)
         return self._shift_and_fit(ids, token_w)
 
+    def _weigh_batch(self, texts: list[str], spans: list[list[tuple[int, int]]], encodings) -> list[EncodedSample]:
+        """`_weigh` of each row, with the per-character work done once for the whole batch: the rows' texts
+        lie end to end, each followed by one character of weight 0 (the padding _token_max reads for a
+        token that starts at its text's end), so every token's characters stay inside its own row."""
+        ids, offsets, bounds = _flatten_encodings(encodings)
+        text_start = np.cumsum([0, *(len(text) + 1 for text in texts)])
+        char_w = np.full(int(text_start[-1]), 1.0 if self.loss_on == "all" else 0.0, dtype=np.float32)
+        char_w[text_start[1:] - 1] = 0.0
+        for text, base, row_spans in zip(texts, text_start.tolist(), spans):
+            for start, end in row_spans:  # without rules every character weighs 1.0 (as char_weights gives)
+                char_w[base + start:base + end] = \
+                    self.loss_scale.char_weights(text[start:end]) if self.loss_scale.rules else 1.0
+        shift = np.repeat(text_start[:-1], np.diff(bounds))[:, None]
+        token_w = _token_max(char_w, offsets + shift)
+        rows = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        if self.loss_on != "all":
+            for (lo, hi), row_spans in zip(rows, spans):
+                self._stop_after_end_of_turn(token_w[lo:hi], ids[lo:hi], offsets[lo:hi], row_spans)
+        return self._shift_and_fit_batch(ids, token_w, rows)
+
     def _stop_after_end_of_turn(self, token_w, ids, offsets, spans) -> None:
         """Zero the tokens of a turn after its last special token (the end-of-turn marker)."""
         starts = offsets[:, 0]
@@ -269,6 +298,27 @@ class SFTTemplate:
             return EncodedSample(drop_reason="no_trained_tokens")
         labels = np.where(weights > 0, ids[1:], IGNORE_INDEX)
         return EncodedSample(ids[:-1].tolist(), labels.tolist(), weights.tolist(), truncated=truncated)
+
+    def _shift_and_fit_batch(self, ids: np.ndarray, token_w: np.ndarray, rows: list[tuple[int, int]]):
+        """`_shift_and_fit` of each row [lo, hi) of the batch arrays, converting to lists once per batch."""
+        trained = token_w > 0
+        trained_before = np.concatenate(([0], np.cumsum(trained)))  # trained tokens in [0, i)
+        ids_list, weights = ids.tolist(), token_w.tolist()
+        labels = np.where(trained, ids, IGNORE_INDEX).tolist()
+        results = []
+        for lo, hi in rows:
+            end, truncated = hi, False
+            if self.max_length is not None and hi - lo - 1 > self.max_length:
+                if self.over_length == "drop":
+                    results.append(EncodedSample(drop_reason="too_long"))
+                    continue
+                end, truncated = lo + self.max_length + 1, True
+            if trained_before[end] == trained_before[lo + 1]:
+                results.append(EncodedSample(drop_reason="no_trained_tokens"))
+                continue
+            results.append(EncodedSample(ids_list[lo:end - 1], labels[lo + 1:end], weights[lo + 1:end],
+                                         truncated=truncated))
+        return results
 
     # ---- the exact path: the reference -----------------------------------------------------------------
 
@@ -323,8 +373,10 @@ class SFTTemplate:
                     rendered.append((row, *prepared))
             except Exception as err:  # noqa: BLE001 - the row's own error, handed back in its place
                 results[row] = err
-        for (row, text, spans), encoding in zip(rendered, self._encodings([text for _, text, _ in rendered])):
-            results[row] = self._weigh(text, spans, np.array(encoding.ids, dtype=np.int64), _offsets(encoding))
+        if rendered:
+            rows, texts, spans = zip(*rendered)
+            for row, encoded in zip(rows, self._weigh_batch(list(texts), list(spans), self._encodings(list(texts)))):
+                results[row] = encoded
         return results
 
     def _render_fast(self, sample: dict):
@@ -333,16 +385,15 @@ class SFTTemplate:
         messages, tools, dropped = self._fit_contents(sample)
         if dropped is not None:
             return dropped
-        text = self.render(messages, tools)  # apply_chat_template: the tokens are the exact path's
-        if not self._needs_spans():
-            return text, []
         spans, last = [], len(messages) - 1
         try:
-            prefixes = None
-            for index in self.trained_turns(messages):
+            if not messages:  # apply_chat_template refuses an empty conversation; the exact path says how
+                return None
+            prefixes = _PrefixRenderer(self.tokenizer, messages, tools)
+            text = prefixes.render(len(messages), add_generation_prompt=False)
+            for index in self.trained_turns(messages) if self._needs_spans() else ():
                 if index == 0:  # apply_chat_template refuses the empty prefix; the exact path says how
                     return None
-                prefixes = prefixes or _PrefixRenderer(self.tokenizer, messages, tools)
                 head = prefixes.render(index, add_generation_prompt=True)
                 upto = text if index == last else prefixes.render(index + 1, add_generation_prompt=False)
                 if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
@@ -380,8 +431,7 @@ class SFTTemplate:
                 return False
             if not isinstance(prepared, EncodedSample):
                 text, spans = prepared
-                (encoding,) = self._encodings([text])
-                prepared = self._weigh(text, spans, np.array(encoding.ids, dtype=np.int64), _offsets(encoding))
+                (prepared,) = self._weigh_batch([text], [spans], self._encodings([text]))
             if prepared != expected:
                 return False
             compared += 1

@@ -1,0 +1,45 @@
+"""`megaswift deploy`: an OpenAI-compatible server (FastAPI + uvicorn) for a model and its LoRA adapters."""
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megaswift.serve.model_args import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="clients must send it as a Bearer token (default: none)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests generated together, at most")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long the first request of a batch waits for others to join it")
+    parser.add_argument("--default-max-tokens", type=int, default=512,
+                        help="chat completion length when a request sets no max_tokens (capped by the context)")
+    parser.add_argument("--backend", choices=["transformers"], default="transformers",
+                        help="generation backend (vLLM: not offered yet, see issue 14)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaswift.serve.loading import ModelLoadError
+    from megaswift.serve.model_args import load_from_args
+
+    try:
+        loaded = load_from_args(args)
+    except (ModelLoadError, ValueError, OSError) as err:
+        print(f"megaswift deploy: error: {err}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    from megaswift.serve.app import OpenAIServer, build_app
+    from megaswift.serve.engine import BatchingEngine, Generator
+
+    engine = BatchingEngine(Generator(loaded), args.max_batch_size, args.batch_wait_ms)
+    app = build_app(OpenAIServer(engine, args.api_key, args.default_max_tokens))
+    names = ", ".join([loaded.name, *loaded.adapters])
+    print(f"megaswift deploy: serving {names} on http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn stops on SIGTERM/SIGINT gracefully: no new connections, open requests finished, then the
+    # app's lifespan shutdown stops the generation worker.
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                  timeout_graceful_shutdown=30)).run()
+    print("megaswift deploy: stopped", flush=True)
+    return 0

@@ -1,0 +1,101 @@
+"""Find and load the model to serve: an exported HF folder, or a megaswift checkpoint exported on the fly
+(converters.mcore2hf into a cache folder, reused while the checkpoint is unchanged), plus PEFT LoRA
+adapters loaded side by side on one base model (never merged, so each request picks its adapter)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from megaswift.checkpointing.layout import LATEST_FILE, META_FILE, CheckpointError, resolve_checkpoint
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch (adapter_names)
+
+
+class ModelLoadError(ValueError):
+    """The model or an adapter cannot be found or loaded; says what was expected and what to give."""
+
+
+def default_export_cache() -> Path:
+    return Path(os.environ.get("MEGASWIFT_EXPORT_CACHE", Path.home() / ".cache" / "megaswift" / "exported"))
+
+
+def is_megaswift_checkpoint(path: Path) -> bool:
+    return (path / META_FILE).is_file() or (path / LATEST_FILE).is_file()
+
+
+def resolve_model_dir(model: str | Path, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """The HF folder to load: `model` itself, or the on-the-fly export of a megaswift checkpoint. The cache
+    key is the checkpoint folder and its megaswift.json's modification time, so a resumed run that wrote a
+    newer `latest` gets a fresh export."""
+    path = Path(model)
+    if is_megaswift_checkpoint(path):
+        try:
+            ckpt = resolve_checkpoint(path).resolve()
+        except CheckpointError as err:
+            raise ModelLoadError(str(err)) from None
+        stamp = f"{ckpt}:{(ckpt / META_FILE).stat().st_mtime_ns}"
+        out = Path(cache_dir or default_export_cache()) / f"{ckpt.parent.name}-{ckpt.name}-" \
+                                                          f"{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+        if not (out / "config.json").is_file():
+            from converters import mcore2hf
+            print(f"exporting megaswift checkpoint {ckpt} to {out} (cached for later runs)", flush=True)
+            mcore2hf(ckpt, out, verify=False, progress=progress)  # writes to a temporary folder, renamed when done
+        return out
+    if (path / "config.json").is_file():
+        return path
+    raise ModelLoadError(f"--model {model}: expected an HF model folder (with config.json, e.g. from `megaswift "
+                         f"convert mcore2hf`) or a megaswift checkpoint (with {META_FILE} or {LATEST_FILE}); "
+                         f"found {'no such folder' if not path.exists() else 'neither'}")
+
+
+def parse_adapters(items: list[str] | None) -> dict[str, str]:
+    """`name=dir` items -> {name: dir}; a bare `dir` is named after its folder."""
+    adapters = {}
+    for item in items or []:
+        name, sep, folder = item.partition("=")
+        name, folder = (name, folder) if sep else (Path(item).name, item)
+        if not name or not folder:
+            raise ModelLoadError(f"--adapters {item!r}: expected name=adapter_dir")
+        if name in adapters or name == BASE_ADAPTER:
+            raise ModelLoadError(f"--adapters: the name {name!r} is used twice or is reserved; give each its own name")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"--adapters {item}: {folder} has no adapter_config.json; expected a PEFT adapter "
+                                 f"folder (PeftModel.save_pretrained)")
+        adapters[name] = folder
+    return adapters
+
+
+@dataclass
+class LoadedModel:
+    model: object                 # transformers PreTrainedModel, or peft PeftModel holding every adapter
+    tokenizer: object
+    name: str                     # the base model's name in the API
+    adapters: tuple[str, ...]     # adapter names (the API's other model names)
+    context_length: int
+
+
+def load_model(model_dir: str | Path, adapters: dict[str, str] | None = None, name: str | None = None,
+               dtype: str = "auto", device: str | None = None) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"  # batched generation continues every row from its last prompt token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    adapters = adapters or {}
+    if adapters:
+        from peft import PeftModel
+        (first, first_dir), *rest = adapters.items()
+        model = PeftModel.from_pretrained(model, first_dir, adapter_name=first)
+        for adapter, folder in rest:
+            model.load_adapter(folder, adapter_name=adapter)
+    model.eval()
+    config = model.config if not adapters else model.get_base_model().config
+    context = getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
+    return LoadedModel(model, tokenizer, name or model_dir.resolve().name, tuple(adapters), int(context))

@@ -1,0 +1,73 @@
+"""`megaswift infer`: batch answers equal transformers' own greedy generate, one prompt at a time."""
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megaswift.cli.main import main
+from megaswift.serve.engine import GenerationRequest, Generator
+from megaswift.serve.loading import load_model
+from megaswift.serve.offline import chat_in_terminal
+from megaswift.serve.rendering import ChatRenderer, prompt_from_row
+from megaswift.serve.tiny_model import WEATHER_TOOL
+from tests.serve.reference import hf_greedy
+
+PROMPT_ROWS = [
+    {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [WEATHER_TOOL]},
+    {"query": "Say hello.", "response": "Hello there, friend!"},
+    {"instruction": "Tell me about lists", "input": "in Python"},
+    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Why is the sky blue?"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_chat_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_chat_model), AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+def test_batch_infer_jsonl(tiny_chat_model, reference, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in PROMPT_ROWS))
+    out = tmp_path / "answers.jsonl"
+    assert main(["infer", "--model", str(tiny_chat_model), "--data.datasets", str(prompts), "--output", str(out),
+                 "--max-new-tokens", "24", "--batch-size", "4"]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["source"] for a in answers] == [f"{prompts}:{i}" for i in (1, 2, 3, 4)]
+    # what the tiny model was taught: a tool call, and a greeting
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in answers[0]["tool_calls"]] == \
+           [("get_weather", {"city": "Paris"})]
+    assert (answers[1]["response"], answers[1]["reference"], answers[1]["finish_reason"]) == \
+           ("Hello there, friend!", "Hello there, friend!", "stop")
+    # batched with left padding == transformers' generate on each prompt alone
+    model, tokenizer = reference
+    renderer = ChatRenderer(tokenizer)
+    for i, (row, answer) in enumerate(zip(PROMPT_ROWS, answers)):
+        ids = renderer.prompt_ids(prompt_from_row(row, f"row {i}"))
+        assert answer["prompt_tokens"] == len(ids)
+        assert answer["response"] == hf_greedy(model, tokenizer, ids, 24), f"row {i}"
+
+
+def test_stop_strings_and_max_new_tokens(tiny_chat_model):
+    loaded = load_model(tiny_chat_model)
+    generator = Generator(loaded)
+    ids = ChatRenderer(loaded.tokenizer).prompt_ids(prompt_from_row({"query": "Say hello."}, "x"))
+    stopped, short = generator.generate([GenerationRequest(ids, 20, stop=("there",)),
+                                         GenerationRequest(ids, 2)])
+    assert (stopped.text, stopped.finish_reason) == ("Hello ", "stop")
+    assert (short.completion_tokens, short.finish_reason) == (2, "length")
+    pieces = []
+    (streamed,) = generator.generate([GenerationRequest(ids, 20, stop=(", friend",), on_text=pieces.append)])
+    assert "".join(pieces) == streamed.text == "Hello there"
+
+
+def test_interactive_chat_streams_the_answer(tiny_chat_model):
+    typed, shown = iter(["Say hello.", "/exit"]), []
+    from megaswift.serve.engine import Sampling
+    chat_in_terminal(load_model(tiny_chat_model), Sampling(), 20, read=lambda _: next(typed), write=shown.append)
+    assert "Hello there, friend!" in "".join(shown)
+    assert len(shown) > 4  # streamed in pieces, not written at once
+
+
+def test_bad_model_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["infer", "--model", str(tmp_path / "nowhere"), "--data.datasets", "p.jsonl"]) == 1
+    assert "expected an HF model folder" in capsys.readouterr().err
