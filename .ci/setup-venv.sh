@@ -18,4 +18,4 @@ if [[ ${MEGASWIFT_REINSTALL:-0} == 1 ]] || ! .venv/bin/python -c "import torch, 
     sys.exit(0 if megaswift.__file__.startswith('$PWD/') else 1)" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet --no-build-isolation -e '.[test]'
 fi
-.venv/bin/python -c "import torch, megatron.core, transformers; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)"
+.venv/bin/python -c "import importlib.metadata as m; print(' | '.join(f'{n} {m.version(n)}' for n in ('torch', 'megatron-core', 'transformers', 'peft', 'trl')))"

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # per-process figures: one tokenizer thread (see 1.)
 import platform
 import random
 import sys
@@ -40,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # per-process figures: one tokenizer thread (see 1.)
 
 from megaswift.data.sft.loss_scale import load_loss_scale  # noqa: E402
 from megaswift.data.sft.preprocess import SFTDataSettings, preprocess_sft  # noqa: E402

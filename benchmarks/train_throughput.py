@@ -31,15 +31,11 @@ def settings(args, data_dir: Path) -> dict:
 
 def run_megaswift(config: dict, out: Path) -> list[float]:
     from megaswift.config import PretrainConfig, config_from_dict
-    from megaswift.data.pretrain import PretrainData, token_ids_from_tokenizer
+    from megaswift.objectives.pretrain import PretrainObjective
     from megaswift.train.trainer import Trainer
     config["logging"]["output_dir"] = str(out)
     cfg = config_from_dict(PretrainConfig, config)
-    trainer = Trainer(cfg, data_source=None)
-    trainer.data_source = PretrainData(cfg.data, token_ids_from_tokenizer(cfg.data.tokenizer, trainer.hf["vocab_size"]),
-                                       cfg.train.seed, cfg.train.micro_batch_size,
-                                       cfg.train.train_iters * cfg.train.global_batch_size, 0)
-    trainer.run()
+    Trainer(cfg, PretrainObjective()).run()
     return [json.loads(line)["step_time_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

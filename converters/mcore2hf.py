@@ -17,6 +17,7 @@ from converters.mcore_reader import McoreCheckpointReader
 from converters.output_dir import atomic_output_dir, check_output_dir
 from converters.rules import TensorMapping, dims_of
 from converters.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size, plan_shards
+from megaswift.checkpointing.integrity import damaged_files
 from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, read_meta,
                                             resolve_checkpoint)
 
@@ -49,6 +50,7 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
         meta = read_meta(ckpt)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
+    _check_files_intact(ckpt)
     hf = meta.get("hf_config")
     if not hf:
         raise ConversionError(f"{ckpt / 'megaswift.json'}: has no 'hf_config'; cannot tell which model it holds")
@@ -82,6 +84,15 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
                                        coverage={"hf_tensors": len(planned), "mcore_tensors": len(layout.tensors)},
                                        parameter_count=sum(torch.Size(t.shape).numel() for t in planned))
     return report
+
+
+def _check_files_intact(ckpt: Path) -> None:
+    """A bit flip in a weight file need not break the read: it would be exported silently. Checkpoints record
+    each file's size and CRC32 in megaswift.json; check them first (older checkpoints record none)."""
+    problems = damaged_files(ckpt)
+    if problems:
+        raise ConversionError(f"checkpoint {ckpt} is damaged, not exporting it: {'; '.join(problems)}. Restore the "
+                              f"file from a copy, or export an earlier checkpoint (an iter_N folder in {ckpt.parent})")
 
 
 def _with_saved_dtype(hf: dict, planned: list) -> dict:

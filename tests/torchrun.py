@@ -14,6 +14,19 @@ def python_path() -> str:
     return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
+# Rendezvous settings of the test process itself (an in-process group, an outer torchrun) must not leak
+# into the runs a test starts: each run gets its own.
+_RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                    "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a run a test starts: the caller's, less its rendezvous settings, with this
+    checkout first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    return {**env, "PYTHONPATH": python_path(), **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,7 +39,7 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dic
     `check=False` returns a failed run instead of raising (a timeout still raises)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(), **(env or {})}
+    full_env = {**child_env(OMP_NUM_THREADS="1"), **(env or {})}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     except subprocess.TimeoutExpired as e:

@@ -31,7 +31,10 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.dist_checkpointing.optimizer import (get_optim_param_to_id_map, get_param_id_to_sharded_param_map,
+                                                        make_sharded_optimizer_tensor, optim_state_to_sharding_state)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
 from megaswift.checkpointing import collective
 from megaswift.checkpointing.collective import broadcast_from_rank0, on_rank0_agreed
@@ -48,6 +51,7 @@ RESHARDABLE_TYPE = "fully_reshardable"
 SAVED_SHARDING_TYPE = RESHARDABLE_TYPE  # what save_checkpoint writes, read at call time
 LEGACY_SHARDING_TYPE = "dp_reshardable"  # checkpoints that record no type were written with it
 OPTIMIZER_PARTS_KEY = "distrib_optim_parts"  # how many chained optimizers (dense; dense + expert)
+MAIN_COPIES_KEY = "fp32_from_fp16_params"  # the bf16/fp16 optimizer's fp32 main copies of the half weights
 # Parallel sizes that change the distributed optimizer's flat buffers (DP does not).
 MODEL_LAYOUT_KEYS = ("tensor", "pipeline", "virtual_pipeline", "context", "expert")
 
@@ -72,12 +76,54 @@ def sharded_training_state(chunks: list, optimizer=None, is_loading: bool = Fals
                            sharding_type: str = RESHARDABLE_TYPE) -> dict:
     state = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
     if optimizer is not None:
-        model_state = {}
-        for key in model_state_keys(chunks):
-            model_state.update(state[key])
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                          metadata={SHARDING_TYPE_KEY: sharding_type})
+        # Every chunk's dict as it is, as Megatron-LM passes its whole state dict: megatron finds the weights by
+        # walking the nested values. Merging the chunks' dicts into one loses all but the last virtual-pipeline
+        # chunk's weights, whose local keys (decoder.layers.0...) repeat in every chunk.
+        model_state = {key: state[key] for key in model_state_keys(chunks)}
+        inners = _inner_optimizers(optimizer)
+        if len(inners) == 1 and isinstance(inners[0], Float16OptimizerWithFloat16Params):
+            state["optimizer"] = float16_optimizer_sharded_state(inners[0], model_state, is_loading)
+        else:
+            state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                              metadata={SHARDING_TYPE_KEY: sharding_type})
     return state
+
+
+def float16_optimizer_sharded_state(inner, model_state: dict, is_loading: bool) -> dict:
+    """The sharded state of megatron's bf16/fp16 (non-distributed) optimizer, as its own sharded_state_dict
+    builds it but with every optimizer slot matched to its model weight.
+
+    Why: megatron-core 0.19.2 numbers its id->weight map by the half-precision weights alone
+    (`chain(self.float16_groups)`), while torch numbers the optimizer state by every parameter of the param
+    groups. Megatron-LM casts the whole model to bf16 (Float16Module), so the two agree there; megaswift
+    builds the model in bf16 but megatron-core's torch norms keep fp32 weights, which sit in the same param
+    groups (fp32_from_fp32_groups). Their slots then match no weight ("Param id 9 does not match any model
+    sharded param" at PP=2: 9 bf16 weights, then the norms' no-weight-decay group), or the wrong one where
+    fp32 and bf16 weights share a group. Here each slot maps to its model weight: the bf16 weight for a
+    main (fp32) copy, the weight itself for an fp32 parameter. The saved keys and layout are megatron's."""
+    if is_loading:
+        inner.init_state_fn(inner.optimizer, inner.config)
+    state_dict = inner.state_dict()
+    weight_of_main = {id(main): weight for weights, mains in zip(inner.float16_groups, inner.fp32_from_float16_groups)
+                      for weight, main in zip(weights, mains)}
+    # torch's state dict numbers the parameters in param-group order; the same walk gives each slot its weight
+    slots = [param for group in inner.optimizer.param_groups for param in group["params"]]
+    slot_of = get_optim_param_to_id_map(slots)
+    sharded_weight = get_param_id_to_sharded_param_map(
+        model_state, [weight_of_main.get(id(param), param) for param in slots])
+    # Keyed by group index, not a list of groups: a group with no bf16 weight (the norms') is an empty list,
+    # and dist_checkpointing's save drops the emptied lists from the common part but keeps that one, so its
+    # load cannot merge the two again ("Cannot merge two lists with different lengths"). load_optimizer_state
+    # turns the dict back into megatron's list.
+    state_dict[MAIN_COPIES_KEY] = {
+        index: [make_sharded_optimizer_tensor(sharded_weight[slot_of[id(main)]], main, prefix="optimizer.state.fp32_param")
+                for main in mains] for index, mains in enumerate(state_dict[MAIN_COPIES_KEY])}
+    step = inner._extract_common_per_param_step(state_dict["optimizer"])
+    # The per-parameter steps are saved once, as megatron does (the load gives each parameter its own again).
+    optim_state_to_sharding_state(state_dict["optimizer"], sharded_weight, exclude_keys="step")
+    if step:
+        state_dict["optimizer"]["state"]["common_step"] = step
+    return state_dict
 
 
 def _barrier():
@@ -276,6 +322,9 @@ def load_optimizer_state(optimizer, loaded: dict, sharding_type: str) -> None:
     parts = [loaded] if len(inners) == 1 else [loaded[index] for index in sorted(loaded)]
     param_states = [part.pop("param_state", None) if sharding_type == RESHARDABLE_TYPE else None
                     for part in parts]
+    for part in parts:  # the Float16 optimizer's main copies, saved per group index (float16_optimizer_sharded_state)
+        if isinstance(part.get(MAIN_COPIES_KEY), dict):
+            part[MAIN_COPIES_KEY] = [part[MAIN_COPIES_KEY][index] for index in sorted(part[MAIN_COPIES_KEY])]
     adopt_current_param_groups(inners, parts)  # a changed train.lr etc. wins over the saved one
     with torch.no_grad():
         optimizer.load_state_dict(loaded)

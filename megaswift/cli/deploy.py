@@ -19,6 +19,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generation backend (vLLM: not offered yet, see issue 14)")
 
 
+def _clean_exit_server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class CleanExitServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM once its graceful shutdown is done, so the process ends killed by the
+        signal (status -15). A stop that was asked for and carried out is a clean exit here (status 0)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return CleanExitServer
+
+
 def run(args: argparse.Namespace) -> int:
     from megaswift.serve.loading import ModelLoadError
     from megaswift.serve.model_args import load_from_args
@@ -33,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
     from megaswift.serve.app import OpenAIServer, build_app
     from megaswift.serve.engine import BatchingEngine, Generator
 
+    server_class = _clean_exit_server_class()
     engine = BatchingEngine(Generator(loaded), args.max_batch_size, args.batch_wait_ms)
     app = build_app(OpenAIServer(engine, args.api_key, args.default_max_tokens))
     names = ", ".join([loaded.name, *loaded.adapters])
     print(f"megaswift deploy: serving {names} on http://{args.host}:{args.port}/v1", flush=True)
     # uvicorn stops on SIGTERM/SIGINT gracefully: no new connections, open requests finished, then the
     # app's lifespan shutdown stops the generation worker.
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                  timeout_graceful_shutdown=30)).run()
+    server_class(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=30)).run()
     print("megaswift deploy: stopped", flush=True)
     return 0

@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "doctor": ("megaswift.cli.doctor", "report the environment, the built kernels and which path each op uses"),
     "infer": ("megaswift.cli.infer", "generate answers for a dataset, or chat, with an exported model (+ adapters)"),
     "deploy": ("megaswift.cli.deploy", "serve a model and its LoRA adapters with an OpenAI-compatible API"),
+    "eval": ("megaswift.cli.eval", "score a model or a server on multiple-choice (CSV) and QA (jsonl) sets"),
+    "export": ("megaswift.cli.export", "quantize an exported model (bitsandbytes NF4 / int8), size and perplexity"),
 }
 
 

@@ -16,9 +16,10 @@ def prepare(args: argparse.Namespace, world_size: int | None = None):
     `world_size` processes (default: this run's), the checkpoint to start from, the data files.
     `megaswift launch` runs it too, before starting any process."""
     from megaswift.data.data_paths import check_data_paths
+    from megaswift.objectives.pretrain import PretrainObjective
     from megaswift.train.trainer import Trainer
     config = build_run_config(PretrainConfig, args)
-    trainer = Trainer(config, data_source=None, world_size=world_size)
+    trainer = Trainer(config, PretrainObjective(), world_size=world_size)
     check_data_paths(config)
     return config, trainer
 
@@ -26,17 +27,11 @@ def prepare(args: argparse.Namespace, world_size: int | None = None):
 def run(args: argparse.Namespace) -> int:
     from megaswift.checkpointing.layout import CheckpointError
     from megaswift.config import ConfigError
-    from megaswift.data.pretrain import PretrainData, token_ids_from_tokenizer
     from megaswift.train.trainer import TrainingError
     errors = (ConfigError, CheckpointError, TrainingError)
     try:
         config, trainer = prepare(args)
-        t = config.train
-        dp = trainer.dp_size
-        valid_samples = t.eval_iters * t.micro_batch_size * dp if t.eval_interval else 0
-        trainer.data_source = PretrainData(
-            config.data, token_ids_from_tokenizer(config.data.tokenizer, trainer.hf["vocab_size"]), t.seed,
-            t.micro_batch_size, trainer.train_samples(), valid_samples)
+        trainer.prepare_data()  # the indexed datasets' split sizes and token ids are checked here
     except errors as e:  # no process group yet: every rank found the same
         return report_error("pt", e, same_on_every_rank=True)
     try:

@@ -34,27 +34,23 @@ def prepare(args: argparse.Namespace, world_size: int | None = None):
     `world_size` processes (default: this run's), the checkpoint to start from, the data files and the
     tokenizer folder. `megaswift launch` runs it too, before starting any process."""
     from megaswift.data.data_paths import check_data_paths
+    from megaswift.objectives.sft import SFTObjective
     from megaswift.train.trainer import Trainer
     config = build_run_config(SFTConfig, args)
-    trainer = Trainer(config, data_source=None, world_size=world_size)
+    trainer = Trainer(config, SFTObjective(), world_size=world_size)
     check_data_paths(config)
     config.data.tokenizer = _tokenizer_dir(config, trainer.load_dir)  # recorded in the checkpoint's hf_assets
     return config, trainer
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from megaswift.checkpointing.layout import CheckpointError
     from megaswift.data.sft.formats import SampleFormatError
-    from megaswift.data.sft.training_source import SFTData
     from megaswift.train.trainer import TrainingError
     errors = (ConfigError, CheckpointError, TrainingError, SampleFormatError, ValueError)
     try:
         config, trainer = prepare(args)
-        tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
-        trainer.data_source = SFTData(config.data, tokenizer, config.train.seed, config.train.micro_batch_size,
-                                      trainer.packed_attention or "mask", model_vocab_size=trainer.hf["vocab_size"])
+        trainer.prepare_data()  # loads the tokenizer and checks the dataset paths (preprocessing comes later)
     except errors as e:  # no process group yet: every rank found the same
         return report_error("sft", e, same_on_every_rank=True)
     try:

@@ -133,7 +133,11 @@ class OpenAIServer:
             prompt = prompt_from_openai(body.messages, body.tools)
         except SampleFormatError as err:
             raise APIError(400, f"{err.expected}, found {err.found}", param="messages") from None
-        ids = self.renderer.prompt_ids(prompt)
+        try:
+            ids = self.renderer.prompt_ids(prompt)
+        except Exception as err:  # noqa: BLE001 - the chat template's own refusal (jinja raise_exception)
+            raise APIError(400, f"the model's chat template cannot render these messages: {err}",
+                           param="messages") from None
         request = GenerationRequest(ids, self.max_new_tokens(len(ids), body.max_completion_tokens or body.max_tokens,
                                                              "messages"),
                                     body.sampling(), body.stops(), adapter, body.ignore_eos)

@@ -4,6 +4,7 @@ adapters loaded side by side on one base model (never merged, so each request pi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,25 @@ def parse_adapters(items: list[str] | None) -> dict[str, str]:
     return adapters
 
 
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer exactly as training used it. `megaswift sft` loads the checkpoint's hf_assets/, which
+    holds no config.json, so AutoTokenizer follows tokenizer_config.json there. In an exported folder,
+    config.json's model_type makes AutoTokenizer (transformers 5) prefer the family's tokenizer class, which
+    rebuilds the pre-tokenizer: for a tokenizer saved as the generic class (the tiny tokenizer, custom ones)
+    the tokens would differ from training's. So the class saved in tokenizer_config.json decides."""
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    config_file = Path(folder) / "tokenizer_config.json"
+    saved_class = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if saved_class in GENERIC_TOKENIZER_CLASSES:
+        return TokenizersBackend.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
 @dataclass
 class LoadedModel:
     model: object                 # transformers PreTrainedModel, or peft PeftModel holding every adapter
@@ -79,10 +99,10 @@ class LoadedModel:
 def load_model(model_dir: str | Path, adapters: dict[str, str] | None = None, name: str | None = None,
                dtype: str = "auto", device: str | None = None) -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     tokenizer.padding_side = "left"  # batched generation continues every row from its last prompt token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

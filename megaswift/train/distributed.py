@@ -39,10 +39,12 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     else:
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        if world.world_size == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        dist.init_process_group(backend=dist_backend(), rank=world.rank, world_size=world.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        # A world of one gets its own free port through init_method, never through os.environ: child
+        # processes inherit the environment, and a stale MASTER_PORT there makes their rendezvous collide.
+        init_method = f"tcp://127.0.0.1:{_free_port()}" \
+            if world.world_size == 1 and "MASTER_ADDR" not in os.environ else None
+        dist.init_process_group(backend=dist_backend(), init_method=init_method, rank=world.rank,
+                                world_size=world.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,

@@ -1,4 +1,5 @@
-"""The forward step megatron-core's schedules call for each micro-batch, and its per-token loss.
+"""The forward step megatron-core's schedules call for each micro-batch, and its per-token loss: the
+token cross entropy that pre-training and SFT share (megaswift/objectives/token_loss.py).
 
 The loss follows megatron-core's `calculate_per_token_loss` contract: return the SUM of weighted token
 losses and the number of label tokens; the schedule and `finalize_model_grads` divide by the total
@@ -14,6 +15,11 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state
+
+from megaswift.objectives.base import TOTALS
+
+# The sums each micro-batch's loss record carries (objectives/base.py): weighted CE sum, label tokens.
+TOKEN_TOTALS = ("loss_sum", "tokens")
 
 
 def batch_to_device(batch: dict) -> dict:
@@ -51,8 +57,8 @@ def loss_func(batch: dict, use_fused_loss: bool, vocab_size: int | None, output:
         weighted = output.float() * weights  # GPTModel already computed vocab-parallel CE: [b, s]
     loss_sum = weighted.sum()
     num_tokens = batch["loss_mask"].sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
-    return loss_sum, num_tokens, {"loss": report}
+    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])  # in TOKEN_TOTALS' order
+    return loss_sum, num_tokens, {TOTALS: report}
 
 
 def make_forward_step(use_fused_loss: bool = False, vocab_size: int | None = None):

@@ -1,13 +1,13 @@
 """The training loop: megatron-core model chunks, DDP, optimizer and forward-backward schedules.
 
-`train(config, data_source)` serves `megaswift pt` and `megaswift sft` alike; they differ only in the
-data source, which turns (consumed samples, data-parallel rank) into micro-batch iterators.
+One loop serves every command: `Trainer(config, objective)`, where the objective (megaswift/objectives/
+base.py) brings the data source, the forward step and its loss, the step's reduction and metrics, and
+the micro-batch shape pipeline stages exchange; `megaswift pt` and `megaswift sft` differ only in it.
 """
 import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import megatron.core
 import torch
@@ -26,9 +26,9 @@ from megaswift.config import ConfigError, config_to_dict
 from megaswift.config.validate import packed_attention, validate_choices, validate_layout
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
 from megaswift.models.builder import build_model_chunks, use_transformer_engine
+from megaswift.objectives.base import TOTALS, DataSource, Objective, RunPlan
 from megaswift.platform.versions import installed_version
 from megaswift.train.distributed import init_distributed, shutdown_distributed, world_from_env
-from megaswift.train.forward_step import make_forward_step
 from megaswift.train.metrics import (MetricsLogger, default_output_dir, device_peak_flops, flops_per_token,
                                      write_run_config)
 from megaswift.train.optimizer import build_optimizer, build_scheduler, wrap_with_ddp
@@ -40,12 +40,6 @@ from megaswift.train.resume import (changed_settings, check_resume_changes, chec
 
 class TrainingError(RuntimeError):
     pass
-
-
-class DataSource(Protocol):
-    def train_iterators(self, consumed_samples: int, dp_rank: int, dp_size: int, count: int) -> list: ...
-
-    def valid_iterators(self, dp_rank: int, dp_size: int, count: int) -> list | None: ...
 
 
 @dataclass
@@ -64,6 +58,7 @@ class _Session:
     iterators: list
     forward_backward: object
     forward_step: object
+    micro_batch_shape: tuple[int, int]  # (seq_length, micro_batch_size) the schedules are given
     dp_rank: int
     start_step: int
     consumed_samples: int = 0  # recorded in each checkpoint: a changed global batch resumes at the right sample
@@ -98,27 +93,31 @@ PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32:
 @dataclass
 class StepOutcome:
     loss: float
+    metrics: dict  # the objective's other metrics of the step (objectives/base.py), for the log line
     grad_norm: float | None  # None when the optimizer was not called (a non-finite loss) or fp16 overflowed
     lr: float  # the learning rate the step used (or would have used)
     applied: bool  # the optimizer updated the weights
     stop_agreed: bool  # some rank had been asked to stop (preemption.py) when the step's loss was reduced
 
 
-def reduce_step_totals(losses_reduced: list, stop_requested: bool = False) -> tuple[float, float, bool]:
-    """(loss sum, token count, stop agreed) of a step, identical on every rank, from ONE all-reduce over all
-    ranks. The loss records exist on the last pipeline stage only, alike on its tensor-parallel ranks: those
-    of TP rank 0 contribute them (so each data-parallel and context-parallel share counts once). Every rank
-    adds its stop request, so a signal that reached any rank stops all of them after this step, with no
-    collective of its own; the sum stays on the device until the one copy to the host."""
+def reduce_step_totals(losses_reduced: list, names: tuple[str, ...],
+                       stop_requested: bool = False) -> tuple[dict[str, float], bool]:
+    """(the objective's sums by name, stop agreed) of a step, identical on every rank, from ONE all-reduce
+    over all ranks. The loss records (each with its sums under TOTALS, in the order of `names`) exist on the
+    last pipeline stage only, alike on its tensor-parallel ranks: those of TP rank 0 contribute them (so each
+    data-parallel and context-parallel share counts once). Every rank adds its stop request, so a signal
+    that reached any rank stops all of them after this step, with no collective of its own; the sums stay
+    on the device until the one copy to the host."""
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    width = len(names)
+    totals = torch.zeros(width + 1, dtype=torch.float64, device=device)
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         for record in losses_reduced:
-            totals[:2] += record["loss"].detach().to(device, torch.float64)
-    totals[2] = 1.0 if stop_requested else 0.0
+            totals[:width] += record[TOTALS].detach().to(device, torch.float64)
+    totals[width] = 1.0 if stop_requested else 0.0
     dist.all_reduce(totals)
-    loss_sum, count, stops = totals.tolist()
-    return loss_sum, count, stops > 0
+    *sums, stops = totals.tolist()
+    return dict(zip(names, sums)), stops > 0
 
 
 def _model_config(hf: dict, config):
@@ -132,9 +131,10 @@ def _model_config(hf: dict, config):
 
 
 class Trainer:
-    def __init__(self, config, data_source: DataSource, world_size: int | None = None):
+    def __init__(self, config, objective: Objective, world_size: int | None = None):
         # world_size: checks a layout for that many processes (megaswift launch, before starting them)
-        self.config, self.data_source = config, data_source
+        self.config, self.objective = config, objective
+        self.data_source: DataSource | None = None  # prepare_data() (or run()) has the objective build it
         validate_choices({"train.lr_decay_style": config.train.lr_decay_style,
                           "train.precision": config.train.precision, "train.on_nan": config.train.on_nan,
                           "model.moe_token_dispatcher": config.model.moe_token_dispatcher,
@@ -156,11 +156,21 @@ class Trainer:
                                                  PRECISION_NAMES[resolve_precision(config.train.precision)],
                                                  config.parallel)
 
+    def plan(self) -> RunPlan:
+        """What this run has settled, for the objective to build on."""
+        return RunPlan(self.config, self.hf, self.dp_size, self.packed_attention, self.train_samples())
+
+    def prepare_data(self) -> DataSource:
+        """The objective's data source for this run, built (and its data checked) once; before any process
+        group exists when the CLI calls it, so its errors are the same on every rank."""
+        if self.data_source is None:
+            self.data_source = self.objective.data_source(self.plan())
+        return self.data_source
+
     def micro_batch_shape(self) -> tuple[int, int]:
-        """(seq_length, micro_batch_size) as the schedules see them (pipeline stages exchange activations
-        of this shape): a THD micro-batch is one sequence of micro_batch_size x seq_length tokens."""
-        seq, micro = self.config.data.seq_length, self.config.train.micro_batch_size
-        return (seq * micro, 1) if self.packed_attention == "thd" else (seq, micro)
+        """(seq_length, micro_batch_size) as the schedules see them: pipeline stages exchange activations of
+        this shape (the objective's: a THD micro-batch is one sequence of micro_batch_size x seq_length)."""
+        return self.objective.micro_batch_shape(self.plan())
 
     def train_samples(self) -> int:
         """Training samples the data must provide: those consumed before plus the remaining steps at this
@@ -249,14 +259,15 @@ class Trainer:
                     result.losses[step], result.last_step = outcome.loss, step
                     result.stopped_by_signal = outcome.stop_agreed
                     if step % cfg.logging.log_interval == 0 or step == end or result.stopped_by_signal:
-                        logger.log({"step": step, "loss": outcome.loss, "lr": outcome.lr,
+                        logger.log({"step": step, "loss": outcome.loss, **outcome.metrics, "lr": outcome.lr,
                                     "grad_norm": outcome.grad_norm, **throughput.figures(elapsed),
                                     "step_time_s": elapsed, **self._skip_counts()})
                     logger.advance()
                     # A stop keeps the grace period (Slurm's --signal=...@SECONDS) for the save.
                     if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and \
                             not result.stopped_by_signal:
-                        logger.log({"step": step, "eval_loss": self.evaluate(session)})
+                        logger.log({"step": step, **{f"eval_{name}": value
+                                                     for name, value in self.evaluate(session).items()}})
                     if result.stopped_by_signal and world.rank == 0:
                         print(f"megaswift: stop requested (SIGTERM); step {step} is the last one"
                               f"{', saving it' if cfg.checkpoint.save else ' (checkpoint.save is not set)'}",
@@ -271,7 +282,6 @@ class Trainer:
         return result
 
     def _start_session(self) -> _Session:
-        cfg = self.config
         model, optimizer, scheduler = self._build()
         start = 0
         if self.load_dir is not None:
@@ -282,9 +292,10 @@ class Trainer:
         consumed = self.start.consumed_samples()
         dp_rank = parallel_state.get_data_parallel_rank()
         with rng.preserved():  # whatever building the data draws, training continues from the same RNG state
-            iterators = self.data_source.train_iterators(consumed, dp_rank, self.dp_size, len(model))
+            iterators = self.prepare_data().train_iterators(consumed, dp_rank, self.dp_size, len(model))
+        plan = self.plan()
         return _Session(model, optimizer, scheduler, iterators, get_forward_backward_func(),
-                        make_forward_step(cfg.train.fused_loss, self.hf["vocab_size"]), dp_rank, start,
+                        self.objective.forward_step(plan), self.objective.micro_batch_shape(plan), dp_rank, start,
                         consumed_samples=consumed)
 
     def _skip_counts(self) -> dict:
@@ -301,13 +312,15 @@ class Trainer:
         for chunk in session.model:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
-        seq_length, micro_batch_size = self.micro_batch_shape()
+        seq_length, micro_batch_size = session.micro_batch_shape
         losses = session.forward_backward(
             forward_step_func=session.forward_step, data_iterator=session.iterators, model=session.model,
             num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size),
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
-        loss_sum, count, stop_agreed = reduce_step_totals(losses, stop is not None and stop.requested)
-        loss = loss_sum / max(count, 1.0)
+        totals, stop_agreed = reduce_step_totals(losses, self.objective.totals,
+                                                 stop is not None and stop.requested)
+        metrics = self.objective.step_metrics(totals)
+        loss = metrics.pop("loss")
         lr = session.optimizer.param_groups[0]["lr"]
         applied, grad_norm = False, None
         if math.isfinite(loss):  # the same on every rank: all of them enter the optimizer's collectives, or none
@@ -323,16 +336,17 @@ class Trainer:
             problem = self.skips.not_applied(step, loss, grad_norm)
             if problem:
                 raise TrainingError(problem)
-        return StepOutcome(loss, grad_norm, lr, applied, stop_agreed)
+        return StepOutcome(loss, metrics, grad_norm, lr, applied, stop_agreed)
 
-    def evaluate(self, session: _Session) -> float:
+    def evaluate(self, session: _Session) -> dict[str, float]:
+        """The objective's metrics ("loss" first) over train.eval_iters micro-batches of the validation split."""
         model = session.model
-        iterators = self.data_source.valid_iterators(session.dp_rank, self.dp_size, len(model))
+        iterators = self.prepare_data().valid_iterators(session.dp_rank, self.dp_size, len(model))
         if iterators is None:
             raise ConfigError("train.eval_interval is set but the data has no validation split (data.split)")
         for chunk in model:
             chunk.eval()
-        seq_length, micro_batch_size = self.micro_batch_shape()
+        seq_length, micro_batch_size = session.micro_batch_shape
         with torch.no_grad():
             losses = session.forward_backward(forward_step_func=session.forward_step, data_iterator=iterators,
                                               model=model, num_microbatches=self.config.train.eval_iters,
@@ -340,8 +354,8 @@ class Trainer:
                                               forward_only=True)
         for chunk in model:
             chunk.train()
-        loss_sum, count, _ = reduce_step_totals(losses)
-        return loss_sum / max(count, 1.0)
+        totals, _ = reduce_step_totals(losses, self.objective.totals)
+        return self.objective.step_metrics(totals)
 
     def save(self, step: int, session: _Session) -> None:
         cfg = self.config

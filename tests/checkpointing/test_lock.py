@@ -11,7 +11,7 @@ import pytest
 
 from megaswift.checkpointing.layout import CheckpointError, read_latest
 from megaswift.checkpointing.lock import LOCK_FILE, CheckpointFolderLock, hold_checkpoint_folder
-from tests.torchrun import REPO, python_path
+from tests.torchrun import REPO, child_env, python_path
 from tests.train.runner import pt_flags, run_pt
 
 
@@ -40,7 +40,7 @@ time.sleep(600)
 def test_lock_of_a_killed_holder_is_taken_over_and_reported(tmp_path, capsys):
     folder = tmp_path / "ckpt"
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": python_path()})
+                              env=child_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointError, match=f"pid {holder.pid} on host"):
@@ -68,7 +68,7 @@ def test_second_run_on_a_checkpoint_folder_is_refused(demo_data, tmp_path):
         [sys.executable, "-m", "megaswift", "pt",
          *pt_flags(demo_data, tmp_path / "first", train__train_iters=10_000, checkpoint__save=ckpt,
                    checkpoint__save_interval=2)],
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from converters.output_dir import _lock_folder, atomic_output_dir
 from megaswift.checkpointing.layout import iteration_dir, read_latest, remove_orphaned_temporaries
-from tests.torchrun import python_path
+from tests.torchrun import child_env, python_path
 from tests.train.runner import run_pt
 
 
@@ -51,7 +51,7 @@ with atomic_output_dir(Path(sys.argv[1]), overwrite=False) as tmp:
 def test_killed_conversion_output_is_removed_by_the_next_conversion(tmp_path, capsys):
     out = tmp_path / "converted"
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_CONVERSION, str(out)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": python_path()})
+                            env=child_env())
     try:
         killed_tmp = Path(proc.stdout.readline().strip())
         # While that conversion runs, its folder is in use: a conversion into another folder beside it, or a

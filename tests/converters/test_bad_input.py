@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megaswift.checkpointing.integrity import FILES_KEY, record_files
 from megaswift.cli.main import main
 
 
@@ -30,6 +31,14 @@ def edit_weights(folder, edit):
     tensors = load_file(folder / "model.safetensors")
     edit(tensors)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def rerecord_files(iteration_dir):
+    """Records the files' current sizes and CRC32s in megaswift.json, as the writer of such files would."""
+    meta_file = iteration_dir / "megaswift.json"
+    meta = json.loads(meta_file.read_text())
+    meta[FILES_KEY] = record_files(iteration_dir)
+    meta_file.write_text(json.dumps(meta))
 
 
 def test_missing_tensor(tmp_path, hf_model_dirs, capsys):
@@ -105,6 +114,7 @@ def test_mcore2hf_rejects_unsupported_backend(tmp_path, converted_dirs, capsys):
     shutil.copytree(converted_dirs("llama", "fp32")[0], ckpt)
     backend = ckpt / "iter_0000000" / "metadata.json"
     backend.write_text(json.dumps({"sharded_backend": "zarr", "sharded_backend_version": 1}))
+    rerecord_files(ckpt / "iter_0000000")  # as a zarr writer would have recorded it: the files are intact
     code, err = convert(capsys, "mcore2hf", ckpt, tmp_path / "out")
     assert code == 1 and str(backend) in err and "zarr" in err
     assert_nothing_written(tmp_path)
@@ -143,4 +153,17 @@ def test_fused_tensors_of_different_dtypes(tmp_path, hf_model_dirs, capsys):
     edit_weights(hf, lambda t: t.__setitem__(key, t[key].to(torch.bfloat16)))
     code, err = convert(capsys, "hf2mcore", hf, tmp_path / "out")
     assert code == 1 and key in err and "model.layers.0.mlp.gate_proj.weight" in err and "different dtypes" in err
+    assert_nothing_written(tmp_path)
+
+
+def test_mcore2hf_refuses_a_checkpoint_whose_file_changed_since_it_was_saved(tmp_path, converted_dirs, capsys):
+    """One flipped byte inside a weight leaves the file readable; only the CRC32 in megaswift.json tells."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(converted_dirs("llama", "fp32")[0], ckpt)
+    data_file = max((ckpt / "iter_0000000").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x01  # mid-file: inside tensor bytes, same size
+    data_file.write_bytes(bytes(data))
+    code, err = convert(capsys, "mcore2hf", ckpt, tmp_path / "out")
+    assert code == 1 and str(data_file) in err and "CRC32" in err and "not exporting" in err, err
     assert_nothing_written(tmp_path)

@@ -9,14 +9,14 @@ import time
 import pytest
 
 from megaswift.cli.preflight import megaswift_subcommand
-from tests.torchrun import python_path
+from tests.torchrun import child_env, python_path
 from tests.train.runner import pt_flags
 
 BANNER = "megaswift launch: node 0 of 1"  # printed just before the launcher becomes torchrun
 
 
 def _launch(*args: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2"}
+    env = child_env(OMP_NUM_THREADS="1", NPROC_PER_NODE="2")
     began = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "megaswift", "launch", *args], capture_output=True, text=True,
                           timeout=180, env=env)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun import REPO, run_torchrun
+from tests.torchrun import REPO, child_env, run_torchrun
 
 HERE = Path(__file__).parent
 
@@ -23,7 +23,7 @@ def parse_lines(output: str, tag: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def single_process_probe() -> str:
     proc = subprocess.run([sys.executable, str(HERE / "patch_probe.py")], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=120, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, f"patch_probe.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return proc.stdout
 

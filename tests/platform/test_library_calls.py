@@ -13,14 +13,14 @@ import sys
 import pytest
 
 from tests.platform.conftest import HERE, needs_cpu_only
-from tests.torchrun import REPO
+from tests.torchrun import REPO, child_env
 
 pytestmark = [needs_cpu_only, pytest.mark.timeout(300)]
 
 
 def test_conversion_as_a_library_call_leaves_the_process_unchanged():
     proc = subprocess.run([sys.executable, str(HERE / "library_call_probe.py")], capture_output=True, text=True,
-                          timeout=240, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=240, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, f"library_call_probe.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     (changed,) = [json.loads(line[len("CHANGED "):]) for line in proc.stdout.splitlines()
                   if line.startswith("CHANGED ")]

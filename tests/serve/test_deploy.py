@@ -8,8 +8,9 @@ import urllib.request
 import openai
 import pytest
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from megaswift.serve.loading import load_tokenizer
 from megaswift.serve.rendering import ChatRenderer, prompt_from_openai
 from megaswift.serve.tiny_model import WEATHER_TOOL
 from tests.serve.reference import hf_greedy
@@ -34,8 +35,9 @@ def client(server):
     return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def _chat(client, model="model", messages=HELLO, **kwargs):
-    return client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24, **kwargs)
+def _chat(client, model="model", messages=HELLO, max_tokens=24, temperature=0, **kwargs):
+    return client.chat.completions.create(model=model, messages=messages, temperature=temperature,
+                                          max_tokens=max_tokens, **kwargs)
 
 
 def test_models_lists_base_and_adapters(client):
@@ -59,12 +61,12 @@ def test_chat_and_streaming(client):
 def test_tool_calls(client):
     for stream in (False, True):
         if stream:
-            chunks = list(_chat(client, messages=WEATHER, tools=[WEATHER_TOOL], stream=True))
+            chunks = list(_chat(client, messages=WEATHER, tools=[WEATHER_TOOL], max_tokens=40, stream=True))
             calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
             finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
             content = "".join(c.choices[0].delta.content or "" for c in chunks)
         else:
-            choice = _chat(client, messages=WEATHER, tools=[WEATHER_TOOL]).choices[0]
+            choice = _chat(client, messages=WEATHER, tools=[WEATHER_TOOL], max_tokens=40).choices[0]
             calls, finish, content = choice.message.tool_calls, [choice.finish_reason], choice.message.content or ""
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
                [("get_weather", {"city": "Paris"})]
@@ -72,13 +74,13 @@ def test_tool_calls(client):
     # the call and its result sent back (arguments as JSON text, as clients send them) render like training
     follow_up = [*WEATHER, {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
                  {"role": "tool", "tool_call_id": calls[0].id, "content": '{"sky": "sunny"}'}]
-    assert _chat(client, messages=follow_up, tools=[WEATHER_TOOL]).choices[0].finish_reason in ("stop", "length")
+    assert _chat(client, messages=follow_up, tools=[WEATHER_TOOL], max_tokens=4).choices[0].finish_reason in ("stop", "length")
 
 
 def test_adapters_by_name_match_peft_in_one_batch(client, tiny_chat_model, tiny_adapters):
     """alpha, beta and the base model, asked at the same moment (so batched together), each answer as
     PeftModel with that adapter alone answers."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    tokenizer = load_tokenizer(tiny_chat_model)
     ids = ChatRenderer(tokenizer).prompt_ids(prompt_from_openai(HELLO, None))
     expected = {"model": hf_greedy(AutoModelForCausalLM.from_pretrained(tiny_chat_model), tokenizer, ids, 24)}
     for name, folder in tiny_adapters.items():
@@ -100,7 +102,7 @@ def test_adapters_by_name_match_peft_in_one_batch(client, tiny_chat_model, tiny_
 
 
 def test_completions(client, tiny_chat_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    tokenizer = load_tokenizer(tiny_chat_model)
     prompt = "The list type"
     reply = client.completions.create(model="model", prompt=prompt, max_tokens=12, temperature=0)
     ids = tokenizer(prompt)["input_ids"]
@@ -158,3 +160,15 @@ def test_sigterm_finishes_the_open_stream_then_exits(tiny_chat_model, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_eval_against_the_server(server, tmp_path):
+    from megaswift.cli.main import main
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"query": "Say hello.", "response": "Hello there, friend!"}) + "\n" +
+                  json.dumps({"query": "Say hello.", "response": "Goodbye now."}) + "\n")
+    out = tmp_path / "results.json"
+    assert main(["eval", "--url", f"{server[0]}/v1", "--api-key", KEY, "--served-model", "model",
+                 "--tasks", str(qa), "--output", str(out), "--max-new-tokens", "12"]) == 0
+    result = json.loads(out.read_text())
+    assert (result["model"], result["tasks"]["qa.jsonl"]["rougeL_f1"]) == ("model", 50.0)

@@ -84,3 +84,14 @@ def test_prompt_rows_of_every_sft_format(tokenizer):
 def test_bad_prompt_row_names_the_line(tokenizer):
     with pytest.raises(ValueError, match=r"p\.jsonl:7.*role"):
         prompt_from_row({"messages": [{"role": "robot", "content": "x"}]}, "p.jsonl:7")
+
+
+def test_exported_folder_tokenizes_as_training(tiny_chat_model, tiny_tokenizer_dir):
+    """An exported folder's config.json (model_type qwen2) would make AutoTokenizer pick Qwen2Tokenizer, whose
+    pre-tokenizer splits differently from the tiny tokenizer's; load_tokenizer keeps training's tokens."""
+    from megaswift.serve.loading import load_tokenizer
+    training = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)  # as `megaswift sft` loads hf_assets/
+    text = SFTTemplate(training).render(CONVERSATIONS["tools"]["messages"], [WEATHER_TOOL])
+    expected = training(text, add_special_tokens=False)["input_ids"]
+    assert load_tokenizer(tiny_chat_model)(text, add_special_tokens=False)["input_ids"] == expected
+    assert AutoTokenizer.from_pretrained(tiny_chat_model)(text, add_special_tokens=False)["input_ids"] != expected

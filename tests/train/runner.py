@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.torchrun import python_path, run_torchrun
+from tests.torchrun import child_env, run_torchrun
 
 TINY_RUN = {
     "model.preset": "tiny-llama", "data.seq_length": 32, "data.split": "100,0,0",
@@ -29,7 +29,7 @@ def run_pt(flags: list[str], nproc: int = 1, timeout: float = 240, check: bool =
     """`command` is what follows `python`: `-m megaswift pt`, or a script that takes the same flags."""
     if nproc > 1:
         return run_torchrun([*command, *flags], nproc=nproc, timeout=timeout)
-    env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "2"}
+    env = child_env(OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, *command, *flags], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -12,12 +12,12 @@ import pytest
 
 from megaswift.cli import quiet, report
 from megaswift.config import ConfigError
-from tests.torchrun import REPO, run_torchrun
+from tests.torchrun import REPO, child_env, run_torchrun
 from tests.train.runner import pt_flags, run_pt
 
 
 def _pt(*flags):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "megaswift", "pt", *flags], capture_output=True, text=True,
                           timeout=120, env=env)
 
@@ -41,7 +41,7 @@ def test_bad_input_is_a_clear_error(flags, message, tmp_path):
 
 
 def test_help_lists_every_section():
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     out = subprocess.run([sys.executable, "-m", "megaswift", "pt", "--help"], capture_output=True, text=True,
                          timeout=60, env=env).stdout
     for flag in ("--parallel.tensor", "--train.lr", "--checkpoint.save", "--data.paths", "--config"):
@@ -49,7 +49,7 @@ def test_help_lists_every_section():
 
 
 def test_mistyped_flag_is_reported_by_the_subcommand_with_the_closest_flag():
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "megaswift", "pt", "--train.iters", "5"], capture_output=True,
                           text=True, timeout=60, env=env)
     assert proc.returncode == 2

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from megaswift.checkpointing.layout import read_latest, resolve_checkpoint
-from tests.torchrun import REPO
+from tests.torchrun import REPO, child_env
 from tests.train.runner import losses, pt_flags, run_pt
 
 
 def _start_pt(flags):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "megaswift", "pt", *flags], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from megaswift.checkpointing.layout import META_FILE, read_latest, resolve_checkpoint
-from tests.torchrun import python_path, run_torchrun
+from tests.torchrun import child_env, python_path, run_torchrun
 from tests.train.test_sft import _write_alpaca
 
 TOTAL = 8
@@ -51,7 +51,7 @@ def _seeded(settings, base, save, **extra) -> list[str]:
 def _run(flags, nproc=1, check=True) -> subprocess.CompletedProcess:
     if nproc > 1:
         return run_torchrun(["-m", "megaswift", "sft", *flags], nproc=nproc, timeout=300, check=check)
-    env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "2"}
+    env = child_env(OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-m", "megaswift", "sft", *flags], capture_output=True, text=True,
                           timeout=300, env=env)
     if check and proc.returncode != 0:
@@ -71,7 +71,7 @@ def _losses_once(save) -> dict[int, float]:
 
 
 def _start(flags) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "2"}
+    env = child_env(OMP_NUM_THREADS="2")
     return subprocess.Popen([sys.executable, "-m", "megaswift", "sft", *flags], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

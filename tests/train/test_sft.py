@@ -83,6 +83,7 @@ def test_packed_equals_unpacked(nproc, layout, sft_setup, unpacked_single, tmp_p
 
 def _trainer(monkeypatch, world=1, **settings):
     from megaswift.config import SFTConfig
+    from megaswift.objectives.sft import SFTObjective
     from megaswift.train.trainer import Trainer
     monkeypatch.setenv("WORLD_SIZE", str(world))
     config = SFTConfig()
@@ -90,7 +91,7 @@ def _trainer(monkeypatch, world=1, **settings):
     for key, value in settings.items():
         section, name = key.split("__")
         setattr(getattr(config, section), name, value)
-    return Trainer(config, data_source=None)
+    return Trainer(config, SFTObjective())
 
 
 @pytest.mark.parametrize("settings, attention, shape", [
