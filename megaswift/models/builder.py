@@ -2,9 +2,9 @@
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megaswift.models.families import family_of
 from megaswift.models.mcore_config import gpt_model_kwargs
 from megaswift.models.vocab_padding import mask_padded_vocab
 
@@ -22,14 +22,9 @@ def use_transformer_engine(choice: str = "auto") -> bool:
     return choice == "te" or (choice == "auto" and transformer_engine_available())
 
 
-def layer_spec(config: TransformerConfig, choice: str = "auto"):
-    if use_transformer_engine(choice):
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=bool(config.num_moe_experts),
-            qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
-                                    qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+def layer_spec(hf: dict, config: TransformerConfig, choice: str = "auto"):
+    """The family's layer spec (one for all layers, or one per layer where its layers differ)."""
+    return family_of(hf).layer_spec(config, use_transformer_engine(choice))
 
 
 def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "auto") -> list[GPTModel]:
@@ -38,7 +33,7 @@ def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "
     The chunk holding the output layer sets the padded vocabulary columns of its logits to -inf
     (vocab_padding.py), so losses, gradients and returned logits are those of the true vocabulary."""
     vpp = config.virtual_pipeline_model_parallel_size or 1
-    spec = layer_spec(config, spec_choice)
+    spec = layer_spec(hf, config, spec_choice)
     kwargs = gpt_model_kwargs(hf, config.tensor_model_parallel_size)
     chunks = []
     for stage in range(vpp):
