@@ -22,9 +22,10 @@ def use_transformer_engine(choice: str = "auto") -> bool:
     return choice == "te" or (choice == "auto" and transformer_engine_available())
 
 
-def layer_spec(hf: dict, config: TransformerConfig, choice: str = "auto"):
-    """The family's layer spec (one for all layers, or one per layer where its layers differ)."""
-    return family_of(hf).layer_spec(config, use_transformer_engine(choice))
+def layer_spec(hf: dict, config: TransformerConfig, choice: str = "auto", vp_stage: int | None = None):
+    """The family's layer spec for one model chunk: one spec for all layers, or the chunk's own layers'
+    specs where the family's layers differ."""
+    return family_of(hf).layer_spec(config, use_transformer_engine(choice), vp_stage)
 
 
 def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "auto") -> list[GPTModel]:
@@ -33,13 +34,12 @@ def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "
     The chunk holding the output layer sets the padded vocabulary columns of its logits to -inf
     (vocab_padding.py), so losses, gradients and returned logits are those of the true vocabulary."""
     vpp = config.virtual_pipeline_model_parallel_size or 1
-    spec = layer_spec(hf, config, spec_choice)
     kwargs = gpt_model_kwargs(hf, config.tensor_model_parallel_size)
     chunks = []
     for stage in range(vpp):
         vp_stage = stage if config.virtual_pipeline_model_parallel_size else None
         model = GPTModel(
-            config=config, transformer_layer_spec=spec,
+            config=config, transformer_layer_spec=layer_spec(hf, config, spec_choice, vp_stage),
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             parallel_output=True, vp_stage=vp_stage, **kwargs)

@@ -72,8 +72,9 @@ def model_kwargs(view: HfConfigView) -> dict:
     return kwargs
 
 
-def layer_spec(config, transformer_engine: bool):
-    """One spec for every layer: megatron-core's Transformer Engine spec, or its local one."""
+def layer_spec(config, transformer_engine: bool, vp_stage: int | None = None):
+    """One spec for every layer (so for every chunk): megatron-core's Transformer Engine spec, or its
+    local one."""
     if transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         return get_gpt_layer_with_transformer_engine_spec(

@@ -5,7 +5,7 @@ TransformerConfig fields and GPTModel arguments (`transformer_fields`, `model_kw
 layer spec (`layer_spec`, per layer where layers differ), lists its conversion rules (`first_rules`,
 `layer_rules(view, layer)`, `last_rules`) and names its presets, one of them the tiny test preset.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from megaswift.models.families import blocks
@@ -23,15 +23,15 @@ class ModelFamily:
     transformer_fields: Callable[[HfConfigView], dict]
     # GPTModel arguments beyond the vocabulary and the tied embeddings: position embedding and rope.
     model_kwargs: Callable[[HfConfigView], dict]
-    # (TransformerConfig, use Transformer Engine?) -> a layer spec, or a TransformerBlockSubmodules
-    # holding one spec per layer where layers differ.
+    # (TransformerConfig, use Transformer Engine?, virtual pipeline stage) -> the spec of that model
+    # chunk's layers: one ModuleSpec for all, or where layers differ a TransformerBlockSubmodules of
+    # the chunk's own layers (as megatron-core's get_gpt_decoder_block_spec builds from moe_layer_freq).
     layer_spec: Callable
     layer_rules: Callable[[HfConfigView, int], tuple[Rule, ...]]
     presets: dict[str, dict]
     tiny_preset: str                   # the preset the tests build a tiny random model of
     first_rules: tuple[Rule, ...] = blocks.EMBEDDING
     last_rules: tuple[Rule, ...] = blocks.FINAL
-    doc: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.tiny_preset not in self.presets:

@@ -33,4 +33,4 @@ def layer_rules(view, layer: int):
 FAMILY = ModelFamily(
     name="mixtral", architectures=("MixtralForCausalLM",), read=read,
     transformer_fields=decoder.transformer_fields, model_kwargs=decoder.model_kwargs, layer_spec=decoder.layer_spec,
-    layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-mixtral", doc=__doc__)
+    layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-mixtral")

@@ -34,4 +34,4 @@ def layer_rules(view, layer: int):
 FAMILY = ModelFamily(
     name="qwen2-moe", architectures=("Qwen2MoeForCausalLM",), read=read,
     transformer_fields=decoder.transformer_fields, model_kwargs=decoder.model_kwargs, layer_spec=decoder.layer_spec,
-    layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-qwen2-moe", doc=__doc__)
+    layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-qwen2-moe")

@@ -23,4 +23,4 @@ def layer_rules(view, layer: int):
 FAMILY = ModelFamily(
     name="qwen3", architectures=("Qwen3ForCausalLM",), read=partial(read_decoder, qk_norm=True),
     transformer_fields=decoder.transformer_fields, model_kwargs=decoder.model_kwargs, layer_spec=decoder.layer_spec,
-    layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-qwen3", doc=__doc__)
+    layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-qwen3")
