@@ -6,8 +6,8 @@ import torch
 
 from converters.errors import ConversionError
 from converters.mcore_layout import McoreLayout
-from converters.rules import TensorMapping
-from converters.transforms import Dims
+from megaswift.models.families.rules import TensorMapping
+from megaswift.models.families.transforms import Dims
 
 SHOWN = 20  # keys listed in an error before "... and N more"
 

@@ -15,15 +15,15 @@ from tqdm import tqdm
 
 from converters.coverage import check_consumed_once, check_hf_keys, check_mapping_matches_layout, expected_hf_shapes
 from converters.errors import ConversionError
-from converters.families import mappings_for
 from converters.hf_reader import HfCheckpointReader, tensor_dtype
 from converters.mcore_layout import McoreTensor, mcore_layout
 from converters.mcore_writer import write_mcore_checkpoint
 from converters.output_dir import atomic_output_dir, check_output_dir
-from converters.rules import dims_of
-from converters.transforms import empty_placed
 from megaswift.checkpointing.integrity import FILES_KEY, record_files
 from megaswift.checkpointing.layout import copy_hf_assets, iteration_dir, write_latest, write_meta
+from megaswift.models.families import family_of
+from megaswift.models.families.rules import dims_of
+from megaswift.models.families.transforms import empty_placed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -64,10 +64,10 @@ def _fingerprint(reader: HfCheckpointReader, key: str) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def redundant_tied_head(hf: dict, reader: HfCheckpointReader, where: str) -> set[str]:
+def redundant_tied_head(tied: bool, reader: HfCheckpointReader, where: str) -> set[str]:
     """Many saves of tied models also store lm_head.weight, a copy of the embedding. It is accepted (and counted
     as consumed) only when bit-identical to the embedding, so it carries nothing the conversion would drop."""
-    if not hf.get("tie_word_embeddings") or TIED_HEAD not in reader.file_of or TIED_EMBEDDING not in reader.file_of:
+    if not tied or TIED_HEAD not in reader.file_of or TIED_EMBEDDING not in reader.file_of:
         return set()
     if _fingerprint(reader, TIED_HEAD) != _fingerprint(reader, TIED_EMBEDDING):
         raise ConversionError(f"{where}: config.json says tie_word_embeddings=true, but {TIED_HEAD} (in "
@@ -83,12 +83,14 @@ def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any work
     hf = read_hf_config(hf_dir)
-    mappings = mappings_for(hf, where=str(hf_dir / "config.json"))
+    family = family_of(hf, where=str(hf_dir / "config.json"))
+    view = family.read(hf)
+    mappings = family.tensor_mappings(view)
     reader = HfCheckpointReader(hf_dir)
     layout = mcore_layout(hf)
-    dims = dims_of(hf)
-    check_mapping_matches_layout(mappings, layout, where=hf["architectures"][0])
-    redundant = redundant_tied_head(hf, reader, where=str(hf_dir))
+    dims = dims_of(view)
+    check_mapping_matches_layout(mappings, layout, where=view.architecture)
+    redundant = redundant_tied_head(view.tied_embeddings, reader, where=str(hf_dir))
     check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys() if k not in redundant},
                   where=str(hf_dir))
     _check_shapes(mappings, layout, reader, dims, hf_dir / "config.json")
@@ -105,7 +107,7 @@ def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, 
         for key, blocks in zip(mapping.hf, placement):
             reader.read_rows_into(key, blocks, tensor)
         bar.update()
-        return tensor.to(dtypes[target.name])
+        return mapping.transform.finish_mcore(tensor).to(dtypes[target.name])
 
     needed = sum(math.prod(t.shape) * dtypes[t.name].itemsize for t in layout.tensors.values())
     with atomic_output_dir(out_dir, overwrite, needed_bytes=needed) as tmp:

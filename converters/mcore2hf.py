@@ -11,15 +11,15 @@ from tqdm import tqdm
 
 from converters.coverage import check_mapping_matches_layout, expected_hf_shapes
 from converters.errors import ConversionError
-from converters.families import mappings_for
 from converters.mcore_layout import McoreTensor, mcore_layout
 from converters.mcore_reader import McoreCheckpointReader
 from converters.output_dir import atomic_output_dir, check_output_dir
-from converters.rules import TensorMapping, dims_of
 from converters.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size, plan_shards
 from megaswift.checkpointing.integrity import damaged_files
 from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, read_meta,
                                             resolve_checkpoint)
+from megaswift.models.families import family_of
+from megaswift.models.families.rules import TensorMapping, dims_of
 
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # what a GPTModel stores; the rest is training state
 
@@ -54,16 +54,18 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
     hf = meta.get("hf_config")
     if not hf:
         raise ConversionError(f"{ckpt / 'megaswift.json'}: has no 'hf_config'; cannot tell which model it holds")
-    mappings = mappings_for(hf, where=f"{ckpt / 'megaswift.json'} hf_config")
+    family = family_of(hf, where=f"{ckpt / 'megaswift.json'} hf_config")
+    view = family.read(hf)
+    mappings = family.tensor_mappings(view)
     layout = mcore_layout(hf)
-    check_mapping_matches_layout(mappings, layout, where=hf["architectures"][0])
+    check_mapping_matches_layout(mappings, layout, where=view.architecture)
     reader = McoreCheckpointReader(ckpt)
-    dims = dims_of(hf)
+    dims = dims_of(view)
     regions, planned = {}, []
     for m in mappings:
         target = layout.tensors[m.mcore]
         md = reader.tensor_metadata(target.key)
-        regions[m.mcore] = _read_region_of(target, tuple(md.size), hf["vocab_size"], str(ckpt))
+        regions[m.mcore] = _read_region_of(target, tuple(md.size), view.vocab_size, str(ckpt))
         read_shape = regions[m.mcore][1][len(target.chunk_sizes) - len(target.shape):]
         planned += [PlannedTensor(k, s, md.properties.dtype)
                     for k, s in zip(m.hf, expected_hf_shapes(m, read_shape, dims))]

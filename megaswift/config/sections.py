@@ -11,7 +11,7 @@ def _help(text: str, default=None, factory=None):
 @dataclass
 class ModelConfig:
     """The model: a named preset or an HF config.json, optionally with fields overridden."""
-    preset: str | None = _help("named preset (see megaswift.models.presets)", "tiny-llama")
+    preset: str | None = _help("named preset (see megaswift/models/families/)", "tiny-llama")
     hf_config: str | None = _help("path to an HF config.json or a folder holding one; wins over preset")
     overrides: dict = _help("HF config fields to override, as JSON", factory=dict)
     moe_token_dispatcher: str = _help("MoE token dispatcher: alltoall or allgather", "alltoall")

@@ -49,13 +49,15 @@ def validate_layout(hf: dict, parallel: ParallelConfig, train: TrainConfig, data
     for name in ("tensor", "pipeline", "context", "expert"):
         _check(getattr(parallel, name) >= 1, f"parallel.{name} must be >= 1, found {getattr(parallel, name)}")
     dp = data_parallel_size(parallel, world_size)
-    heads, groups = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    from megaswift.models.families import hf_view  # the models package imports megaswift.config
+    model = hf_view(hf, where="model config")
+    heads, groups = model.num_attention_heads, model.num_kv_heads
     tp = parallel.tensor
     _check(heads % tp == 0, f"parallel.tensor={tp} must divide num_attention_heads={heads}; allowed: "
                             f"{[d for d in range(1, heads + 1) if heads % d == 0 and groups % d == 0]}")
     _check(groups % tp == 0, f"parallel.tensor={tp} must divide num_key_value_heads={groups}; allowed: "
                              f"{[d for d in range(1, groups + 1) if groups % d == 0]}")
-    layers = hf["num_hidden_layers"]
+    layers = model.num_layers
     stages = parallel.pipeline * (parallel.virtual_pipeline or 1)
     _check(layers % stages == 0, f"num_hidden_layers={layers} is not divisible by parallel.pipeline x "
                                  f"parallel.virtual_pipeline = {stages}")
@@ -73,10 +75,10 @@ def validate_layout(hf: dict, parallel: ParallelConfig, train: TrainConfig, data
                                        "installed here; use parallel.context=1")
         _check(data.seq_length % (2 * parallel.context) == 0,
                f"data.seq_length={data.seq_length} must be divisible by 2 x parallel.context")
-    experts = hf.get("num_local_experts") or hf.get("num_experts")
+    experts = model.num_experts
     if parallel.expert > 1:
         _check(bool(experts), f"parallel.expert={parallel.expert} needs an MoE model; "
-                              f"{hf['architectures'][0]} has no experts")
+                              f"{model.architecture} has no experts")
     if experts:
         _check(experts % parallel.expert == 0, f"parallel.expert={parallel.expert} must divide the number of "
                                                f"experts {experts}; allowed: "
@@ -88,10 +90,10 @@ def validate_layout(hf: dict, parallel: ParallelConfig, train: TrainConfig, data
     _check(train.global_batch_size % per_step == 0,
            f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size x "
            f"data-parallel size = {train.micro_batch_size} x {dp} = {per_step}")
-    _check(data.seq_length <= hf["max_position_embeddings"],
+    _check(data.seq_length <= model.max_position_embeddings,
            f"data.seq_length={data.seq_length} exceeds the model's max_position_embeddings="
-           f"{hf['max_position_embeddings']}")
-    window = hf.get("sliding_window")
+           f"{model.max_position_embeddings}")
+    window = model.sliding_window
     _check(not window or data.seq_length <= window,
            f"data.seq_length={data.seq_length} exceeds the model's sliding_window={window}, which megatron-core's "
            f"local attention does not implement")

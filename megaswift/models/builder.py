@@ -2,9 +2,9 @@
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megaswift.models.families import family_of
 from megaswift.models.mcore_config import gpt_model_kwargs
 from megaswift.models.vocab_padding import mask_padded_vocab
 
@@ -22,14 +22,10 @@ def use_transformer_engine(choice: str = "auto") -> bool:
     return choice == "te" or (choice == "auto" and transformer_engine_available())
 
 
-def layer_spec(config: TransformerConfig, choice: str = "auto"):
-    if use_transformer_engine(choice):
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=bool(config.num_moe_experts),
-            qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
-                                    qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+def layer_spec(hf: dict, config: TransformerConfig, choice: str = "auto", vp_stage: int | None = None):
+    """The family's layer spec for one model chunk: one spec for all layers, or the chunk's own layers'
+    specs where the family's layers differ."""
+    return family_of(hf).layer_spec(config, use_transformer_engine(choice), vp_stage)
 
 
 def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "auto") -> list[GPTModel]:
@@ -38,13 +34,12 @@ def build_model_chunks(hf: dict, config: TransformerConfig, spec_choice: str = "
     The chunk holding the output layer sets the padded vocabulary columns of its logits to -inf
     (vocab_padding.py), so losses, gradients and returned logits are those of the true vocabulary."""
     vpp = config.virtual_pipeline_model_parallel_size or 1
-    spec = layer_spec(config, spec_choice)
     kwargs = gpt_model_kwargs(hf, config.tensor_model_parallel_size)
     chunks = []
     for stage in range(vpp):
         vp_stage = stage if config.virtual_pipeline_model_parallel_size else None
         model = GPTModel(
-            config=config, transformer_layer_spec=spec,
+            config=config, transformer_layer_spec=layer_spec(hf, config, spec_choice, vp_stage),
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             parallel_output=True, vp_stage=vp_stage, **kwargs)

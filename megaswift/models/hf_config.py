@@ -3,8 +3,7 @@ import json
 from pathlib import Path
 
 from megaswift.config import ConfigError, ModelConfig
-from megaswift.models.families import family_of
-from megaswift.models.presets import preset_hf_config
+from megaswift.models.families import family_of, preset_hf_config
 
 
 def load_hf_config(path: str | Path) -> dict:

@@ -26,14 +26,16 @@ def device_peak_flops() -> float | None:
 
 def flops_per_token(hf: dict, seq_length: int) -> float:
     """Training FLOPs per token: 6 x (matmul parameters) + causal attention scores (6 x L x s x h_attn)."""
-    h, layers = hf["hidden_size"], hf["num_hidden_layers"]
-    heads, groups = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or h // heads
-    attention = h * head_dim * (2 * heads + 2 * groups)
-    experts_per_token = hf.get("num_experts_per_tok", 1) if (hf.get("num_local_experts") or hf.get("num_experts")) else 1
-    ffn = hf.get("moe_intermediate_size") or hf["intermediate_size"]
-    mlp = 3 * h * ffn * experts_per_token + 3 * h * hf.get("shared_expert_intermediate_size", 0)
-    logits = h * hf["vocab_size"]
+    from megaswift.models import hf_view  # here: the CLI imports this module for its paths, before torch
+    model = hf_view(hf)
+    h, layers, heads, head_dim = model.hidden_size, model.num_layers, model.num_attention_heads, model.head_dim
+    attention = h * head_dim * (2 * heads + 2 * model.num_kv_heads)
+    if model.moe:
+        mlp = 3 * h * (model.moe.ffn_hidden_size * model.moe.experts_per_token
+                       + model.moe.shared_expert_ffn_hidden_size)
+    else:
+        mlp = 3 * h * model.ffn_hidden_size
+    logits = h * model.vocab_size
     return 6 * (layers * (attention + mlp) + logits) + 6 * layers * seq_length * heads * head_dim
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from converters.hf_reader import HfCheckpointReader
-from converters.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY, PADDED_VOCAB, Dims, empty_placed
+from megaswift.models.families.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY, PADDED_VOCAB, Dims, empty_placed
 
 DIMS = Dims(num_heads=6, num_query_groups=2, head_dim=3, vocab_size=10)
 

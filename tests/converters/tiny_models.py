@@ -1,21 +1,19 @@
-"""Tiny random HF models of every supported family, saved like hub checkpoints (config, safetensors,
-tokenizer, generation config), built from the presets in megaswift/models/presets.py."""
+"""Tiny random HF models of every registered family, saved like hub checkpoints (config, safetensors,
+tokenizer, generation config), built from each family's tiny preset (megaswift/models/families/)."""
 from pathlib import Path
 
 import torch
 
-# One tiny preset per family, plus untied Llama (the Llama 3 preset has tied embeddings).
-FAMILY_PRESETS = {
-    "llama3-tied": "tiny-llama3", "llama": "tiny-llama", "mistral": "tiny-mistral", "qwen2": "tiny-qwen2",
-    "qwen3": "tiny-qwen3", "mixtral": "tiny-mixtral", "qwen2-moe": "tiny-qwen2-moe", "qwen3-moe": "tiny-qwen3-moe",
-}
-MOE_FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe")
+from megaswift.models.families import REGISTERED, hf_view, preset_hf_config
+
+# Each family's tiny preset, plus Llama 3 with tied embeddings (the Llama family's tiny preset is untied).
+FAMILY_PRESETS = {"llama3-tied": "tiny-llama3", **{family.name: family.tiny_preset for family in REGISTERED}}
+MOE_FAMILIES = tuple(name for name, preset in FAMILY_PRESETS.items() if hf_view(preset_hf_config(preset)).moe)
 
 
 def hf_config_object(preset: str, overrides: dict | None = None):
     from transformers import AutoConfig
 
-    from megaswift.models import preset_hf_config
     hf = {**preset_hf_config(preset), **(overrides or {})}
     return AutoConfig.for_model(hf.pop("model_type"), **hf)
 

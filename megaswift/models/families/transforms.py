@@ -1,9 +1,11 @@
 """Named tensor transforms between HF and megatron-core layouts: one row placement each, read both ways.
 
 `to_mcore(hf_tensors, dims, mcore_shape)` builds one megatron-core tensor from the HF tensors a rule
-names by placing their rows; `to_hf(mcore_tensor, dims)` gathers them back, in the same order. Both
-only move rows, so a round trip is bit-exact. The expected HF shapes are derived by running
-`to_hf` on a meta tensor of the megatron-core shape, so no shape table is kept twice.
+names by placing their rows; `to_hf(mcore_tensor, dims)` gathers them back, in the same order. A
+transform may also change values (`ValueMap`, e.g. a norm weight stored as `1 + w` on one side), as a
+pair of exact inverses; the shared ones only move rows, so a round trip is bit-exact. The expected HF
+shapes are derived by running `to_hf` on a meta tensor of the megatron-core shape, so no shape table
+is kept twice.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +26,15 @@ Block = tuple[int, int, int]  # (first row in the HF tensor, first row in the me
 
 
 @dataclass(frozen=True)
+class ValueMap:
+    """Elementwise value change between the sides, applied to the whole placed megatron-core tensor
+    (`to_mcore`) or to it before its rows are gathered (`to_hf`). The two must be exact inverses on
+    the dtypes converted, or the round trip is no longer bit-exact."""
+    to_mcore: Callable[[torch.Tensor], torch.Tensor]
+    to_hf: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Transform:
     """`placement(dims, mcore_shape)` says, for each HF tensor in rule order, which of its rows
     (along dim 0) land where in the megatron-core tensor; rows no block covers are zeros (vocab
@@ -31,18 +42,23 @@ class Transform:
     `to_hf` gathers them back, and hf2mcore reads each block from disk straight into its place."""
     name: str
     placement: Callable[[Dims, tuple[int, ...]], list[list[Block]]]
+    values: ValueMap | None = None
+
+    def finish_mcore(self, placed: torch.Tensor) -> torch.Tensor:
+        """The megatron-core tensor from the placed HF rows: the value change, if any."""
+        return self.values.to_mcore(placed) if self.values else placed
 
     def to_mcore(self, hf: list[torch.Tensor], dims: Dims, shape: tuple[int, ...]) -> torch.Tensor:
         placement = self.placement(dims, shape)
         if len(hf) == 1 and tuple(hf[0].shape) == tuple(shape) and placement == [[(0, 0, shape[0])]]:
-            return hf[0]  # nothing moves: no copy
+            return self.finish_mcore(hf[0])  # nothing moves: no copy
         if len({t.dtype for t in hf}) > 1:
             raise ValueError(f"tensors fused into one have different dtypes: {[t.dtype for t in hf]}")
         out = empty_placed(shape, hf[0].dtype, placement)
         for tensor, blocks in zip(hf, placement):
             for src, dst, rows in blocks:
                 out[dst:dst + rows] = tensor[src:src + rows]
-        return out
+        return self.finish_mcore(out)
 
     def to_hf(self, t: torch.Tensor, dims: Dims) -> list[torch.Tensor]:
         """The HF tensors, in rule order: views of `t` where a tensor is one block, else copies."""
@@ -51,6 +67,8 @@ class Transform:
         if t.shape[0] < needed:
             raise ValueError(f"has {t.shape[0]} rows, expected at least {needed} ({self.name}: vocab_size="
                              f"{dims.vocab_size}, {dims.num_heads} heads, {dims.num_query_groups} query groups)")
+        if self.values:
+            t = self.values.to_hf(t)
         parts = []
         for blocks in placement:
             pieces = [t[dst:dst + rows] for _, dst, rows in sorted(blocks)]

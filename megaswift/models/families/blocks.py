@@ -1,26 +1,22 @@
-"""Rule groups shared by the families: each family table (one file per family) is a few of these.
+"""Rule groups shared by the families: each family's conversion rules are a few of these.
 
 HF side: `model.layers.N.*` as in the checkpoints on the hub (per-expert MoE weights, which is also
 what transformers' save_pretrained writes). megatron side: GPTModel state-dict names (local spec).
 """
-from converters.rules import Rule
-from converters.transforms import FUSED_GATE_UP, FUSED_QKV, PADDED_VOCAB
+from megaswift.models.families.hf_view import HfConfigView
+from megaswift.models.families.rules import Rule
+from megaswift.models.families.transforms import FUSED_GATE_UP, FUSED_QKV, PADDED_VOCAB
 
 L = "decoder.layers.{layer}"
 H = "model.layers.{layer}"
 
 
-def tied(hf: dict) -> bool:
-    return bool(hf.get("tie_word_embeddings", False))
+def untied(view: HfConfigView) -> bool:
+    return not view.tied_embeddings
 
 
-def untied(hf: dict) -> bool:
-    return not tied(hf)
-
-
-def has_qkv_bias(hf: dict) -> bool:
-    from megaswift.models import family_of
-    return family_of(hf).qkv_bias or bool(hf.get("attention_bias"))
+def has_qkv_bias(view: HfConfigView) -> bool:
+    return view.qkv_bias
 
 
 EMBEDDING = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), PADDED_VOCAB),)
