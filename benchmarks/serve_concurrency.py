@@ -84,7 +84,8 @@ def main() -> None:
         "concurrent_requests_per_s": round(args.concurrent / together, 2),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "transformers": transformers.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(),
+                    "load_average_1min_at_end": round(os.getloadavg()[0], 2)},  # other work on the machine
     }
     print(json.dumps(result, indent=2))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.dist_checkpointing.optimizer import (get_optim_param_to_id_map, get_param_id_to_sharded_param_map,
                                                         make_sharded_optimizer_tensor, optim_state_to_sharding_state)
@@ -80,13 +81,28 @@ def sharded_training_state(chunks: list, optimizer=None, is_loading: bool = Fals
         # walking the nested values. Merging the chunks' dicts into one loses all but the last virtual-pipeline
         # chunk's weights, whose local keys (decoder.layers.0...) repeat in every chunk.
         model_state = {key: state[key] for key in model_state_keys(chunks)}
-        inners = _inner_optimizers(optimizer)
-        if len(inners) == 1 and isinstance(inners[0], Float16OptimizerWithFloat16Params):
-            state["optimizer"] = float16_optimizer_sharded_state(inners[0], model_state, is_loading)
-        else:
-            state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                              metadata={SHARDING_TYPE_KEY: sharding_type})
+        state["optimizer"] = optimizer_sharded_state(optimizer, model_state, is_loading,
+                                                     metadata={SHARDING_TYPE_KEY: sharding_type})
     return state
+
+
+def optimizer_sharded_state(optimizer, model_state: dict, is_loading: bool, metadata: dict):
+    """megatron's optimizer.sharded_state_dict, except that its bf16/fp16 optimizers' part is built by
+    float16_optimizer_sharded_state. Chained parts (dense + expert at parallel.expert > 1) are keyed and
+    prefixed `chained_N.` as megatron's ChainedOptimizer does for this metadata."""
+    inners = _inner_optimizers(optimizer)
+    if not any(isinstance(inner, Float16OptimizerWithFloat16Params) for inner in inners):
+        return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+    if len(inners) > 1:
+        optimizer._synchronize_steps()  # as ChainedOptimizer.sharded_state_dict does before saving
+    parts = [float16_optimizer_sharded_state(inner, model_state, is_loading)
+             if isinstance(inner, Float16OptimizerWithFloat16Params)
+             else inner.sharded_state_dict(model_state, is_loading, metadata=metadata) for inner in inners]
+    if len(parts) == 1:
+        return parts[0]
+    for index, part in enumerate(parts):
+        add_prefix_for_sharding(part, f"chained_{index}.")
+    return dict(enumerate(parts))
 
 
 def float16_optimizer_sharded_state(inner, model_state: dict, is_loading: bool) -> dict:
@@ -116,8 +132,9 @@ def float16_optimizer_sharded_state(inner, model_state: dict, is_loading: bool) 
     # load cannot merge the two again ("Cannot merge two lists with different lengths"). load_optimizer_state
     # turns the dict back into megatron's list.
     state_dict[MAIN_COPIES_KEY] = {
-        index: [make_sharded_optimizer_tensor(sharded_weight[slot_of[id(main)]], main, prefix="optimizer.state.fp32_param")
-                for main in mains] for index, mains in enumerate(state_dict[MAIN_COPIES_KEY])}
+        index: [make_sharded_optimizer_tensor(sharded_weight[slot_of[id(main)]], main,
+                                              prefix="optimizer.state.fp32_param") for main in mains]
+        for index, mains in enumerate(state_dict[MAIN_COPIES_KEY])}
     step = inner._extract_common_per_param_step(state_dict["optimizer"])
     # The per-parameter steps are saved once, as megatron does (the load gives each parameter its own again).
     optim_state_to_sharding_state(state_dict["optimizer"], sharded_weight, exclude_keys="step")

@@ -148,10 +148,11 @@ class Generator:
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device)
         attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
                                  device=device)
-        config = GenerationConfig(
-            max_new_tokens=max(r.max_new_tokens for r in requests), pad_token_id=pad, eos_token_id=None,
-            do_sample=sampling.temperature > 0, **({"temperature": sampling.temperature, "top_p": sampling.top_p,
-                                                    "top_k": sampling.top_k or None} if sampling.temperature > 0 else {}))
+        sample = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                   "top_k": sampling.top_k or None} if sampling.temperature > 0 else {"do_sample": False})
+        # eos_token_id=None: end of turn is each row's own decision (_Row.add), which ignore_eos may override
+        config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), pad_token_id=pad,
+                                  eos_token_id=None, **sample)
         extra = {}
         if self.loaded.adapters:
             extra["adapter_names"] = [r.adapter or BASE_ADAPTER for r in requests]

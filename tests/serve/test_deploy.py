@@ -74,7 +74,8 @@ def test_tool_calls(client):
     # the call and its result sent back (arguments as JSON text, as clients send them) render like training
     follow_up = [*WEATHER, {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
                  {"role": "tool", "tool_call_id": calls[0].id, "content": '{"sky": "sunny"}'}]
-    assert _chat(client, messages=follow_up, tools=[WEATHER_TOOL], max_tokens=4).choices[0].finish_reason in ("stop", "length")
+    answer = _chat(client, messages=follow_up, tools=[WEATHER_TOOL], max_tokens=4).choices[0]
+    assert answer.finish_reason in ("stop", "length")
 
 
 def test_adapters_by_name_match_peft_in_one_batch(client, tiny_chat_model, tiny_adapters):

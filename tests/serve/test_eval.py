@@ -54,7 +54,8 @@ def test_mcq_and_qa_on_a_local_model(tiny_chat_model, tmp_path):
 def test_bad_mcq_answer_names_the_line(tiny_chat_model, tmp_path, capsys):
     mcq = tmp_path / "bad.csv"
     mcq.write_text("id,question,A,B,C,D,answer\nq1,Which?,a,b,c,d,E\n")
-    assert main(["eval", "--model", str(tiny_chat_model), "--tasks", str(mcq), "--output", str(tmp_path / "r.json")]) == 1
+    assert main(["eval", "--model", str(tiny_chat_model), "--tasks", str(mcq),
+                 "--output", str(tmp_path / "r.json")]) == 1
     assert f"{mcq}:2" in capsys.readouterr().err
 
 

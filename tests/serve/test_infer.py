@@ -34,7 +34,8 @@ def test_batch_infer_jsonl(tiny_chat_model, reference, tmp_path):
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["source"] for a in answers] == [f"{prompts}:{i}" for i in (1, 2, 3, 4)]
     # what the tiny model was taught: a tool call, and a greeting
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in answers[0].get("tool_calls", [])] == \
+    calls = answers[0].get("tool_calls", [])
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
            [("get_weather", {"city": "Paris"})]
     assert (answers[1]["response"], answers[1]["reference"], answers[1]["finish_reason"]) == \
            ("Hello there, friend!", "Hello there, friend!", "stop")
@@ -87,3 +88,15 @@ def test_megaswift_checkpoint_is_exported_on_the_fly(tiny_chat_model, tmp_path, 
         assert ("exporting megaswift checkpoint" in capsys.readouterr().out) == (run == 0)  # then cached
     (exported,) = cache.iterdir()
     assert (exported / "config.json").is_file() and (exported / "tokenizer_config.json").is_file()
+
+
+def test_seeded_sampling_repeats(tiny_chat_model):
+    from megaswift.serve.engine import Sampling
+    loaded = load_model(tiny_chat_model)
+    generator = Generator(loaded)
+    ids = ChatRenderer(loaded.tokenizer).prompt_ids(prompt_from_row({"query": "Tell me about lists"}, "x"))
+    hot = Sampling(temperature=1.5, top_p=0.95, top_k=50, seed=3)
+    first, again = (generator.generate([GenerationRequest(ids, 12, hot)])[0] for _ in range(2))
+    assert first.token_ids == again.token_ids and first.completion_tokens > 0
+    flat = [Sampling(temperature=50.0, seed=seed) for seed in range(4, 7)]  # nearly uniform: seeds must matter
+    assert len({tuple(generator.generate([GenerationRequest(ids, 12, s)])[0].token_ids) for s in flat}) == 3

@@ -27,5 +27,6 @@ def test_quantized_folder_loads_and_generates(tiny_chat_model, tmp_path, method,
 
 
 def test_methods_not_offered_say_what_they_need(tiny_chat_model, tmp_path, capsys):
-    assert main(["export", "--model", str(tiny_chat_model), "--quant", "gptq-int4", "--output", str(tmp_path / "q")]) == 1
+    assert main(["export", "--model", str(tiny_chat_model), "--quant", "gptq-int4",
+                 "--output", str(tmp_path / "q")]) == 1
     assert "gptqmodel" in capsys.readouterr().err

@@ -1,24 +1,28 @@
-"""bf16 with pipeline parallelism (megatron's non-distributed Float16 optimizer) saves, resumes and continues
-as an uninterrupted run does.
+"""bf16 with megatron's non-distributed Float16 optimizer saves, resumes and continues as an uninterrupted
+run does, at pipeline (+ virtual pipeline) and at expert parallelism.
 
-One run covers the two ways that save failed (checkpointing/state.py): the param groups mix bf16 weights
-with the fp32 weights megatron-core's torch norms keep ("Param id 9 does not match any model sharded param"
-at the first save; tiny-qwen2's bf16 q/k/v biases share the no-weight-decay group with the fp32 norms, the
-case where a wrong slot->weight map would pair tensors wrongly), and virtual-pipeline chunks whose
-weights were lost when their state dicts were merged into one."""
+The PP=2 VPP=2 case covers the two ways that save failed (checkpointing/state.py): the param groups mix bf16
+weights with the fp32 weights megatron-core's torch norms keep ("Param id 9 does not match any model sharded
+param" at the first save; tiny-qwen2's bf16 q/k/v biases share the no-weight-decay group with the fp32
+norms, where a wrong slot->weight map would pair tensors wrongly), and virtual-pipeline chunks whose weights
+were lost when their state dicts were merged into one. The EP=2 MoE case chains two such optimizers (dense
+and expert), whose parts are saved apart."""
+import pytest
+
 from megaswift.checkpointing.layout import read_latest
 from tests.train.runner import losses, pt_flags, run_pt
 
 TOTAL = 4
-BF16_PP2_VPP2 = {"train__precision": "bf16", "parallel__pipeline": 2, "parallel__virtual_pipeline": 2,
-                 "model__preset": "tiny-qwen2"}
+LAYOUTS = {"qwen2-pp2-vpp2": {"parallel__pipeline": 2, "parallel__virtual_pipeline": 2, "model__preset": "tiny-qwen2"},
+           "mixtral-ep2": {"parallel__expert": 2, "model__preset": "tiny-mixtral"}}
 
 
-def test_bf16_pipeline_resume_matches_straight_run(demo_data, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_bf16_resume_matches_straight_run(demo_data, tmp_path, layout):
     ckpt = tmp_path / "ckpt"
     # One run saving at step 2 gives both the straight losses and the checkpoint to resume.
     run_pt(pt_flags(demo_data, tmp_path / "straight", train__train_iters=TOTAL, checkpoint__save=ckpt,
-                    checkpoint__save_interval=2, **BF16_PP2_VPP2), nproc=2)
+                    checkpoint__save_interval=2, train__precision="bf16", **layout), nproc=2)
     assert read_latest(ckpt) == TOTAL
     resumed = tmp_path / "resumed"
     run_pt(["--checkpoint.load", str(ckpt / "iter_0000002"), "--checkpoint.save", str(resumed / "ckpt"),
