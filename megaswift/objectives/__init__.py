@@ -1,4 +1,6 @@
-"""Training objectives' math, independent of the training loop (which wires them in)."""
+"""Training objectives: what a micro-batch carries, its loss and reduction, and its metrics (base.py, the
+protocol the one training loop runs; pretrain.py, sft.py), and the preference losses' math
+(preference_losses.py, not yet wired into a `megaswift rlhf`)."""
 from megaswift.objectives.preference_losses import (
     LOSS_TYPES,
     PreferenceLoss,

@@ -27,6 +27,7 @@ from megaswift.config.validate import packed_attention, validate_choices, valida
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
 from megaswift.models.builder import build_model_chunks, use_transformer_engine
 from megaswift.objectives.base import TOTALS, DataSource, Objective, RunPlan
+from megaswift.platform.cpu import cpu_patches
 from megaswift.platform.versions import installed_version
 from megaswift.train.distributed import init_distributed, shutdown_distributed, world_from_env
 from megaswift.train.metrics import (MetricsLogger, default_output_dir, device_peak_flops, flops_per_token,
@@ -199,14 +200,17 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         check_retention_settings(cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-        world = init_distributed(cfg.parallel, cfg.train.seed)
-        try:
-            # One run per checkpoint.save folder, for the whole run (checkpointing/lock.py).
-            with hold_checkpoint_folder(cfg.checkpoint.save):
-                self._use_intact_checkpoint()
-                return self._run(world)
-        finally:
-            shutdown_distributed()
+        # A library caller's process gets torch back as it was; megaswift's own entry points have applied
+        # the CPU patches for good already, so for them this applies and undoes nothing.
+        with cpu_patches():
+            world = init_distributed(cfg.parallel, cfg.train.seed)
+            try:
+                # One run per checkpoint.save folder, for the whole run (checkpointing/lock.py).
+                with hold_checkpoint_folder(cfg.checkpoint.save):
+                    self._use_intact_checkpoint()
+                    return self._run(world)
+            finally:
+                shutdown_distributed()
 
     def _use_intact_checkpoint(self) -> None:
         """Checks the checkpoint to load against its recorded sums (checkpoint.verify) before anything is

@@ -17,14 +17,17 @@ def _records(out: Path) -> list[dict]:
 
 def test_an_objective_reducing_over_sequences_trains_like_pt_and_logs_its_metrics(demo_data, tmp_path):
     run_pt(pt_flags(demo_data, tmp_path / "pt", **RUN))
+    # exit code 3 would mean the script found CPU patches still applied after Trainer.run() returned
     run_pt(pt_flags(demo_data, tmp_path / "objective", **RUN), command=(OBJECTIVE_SCRIPT,))
     pt, objective = _records(tmp_path / "pt"), _records(tmp_path / "objective")
     steps = lambda records: {r["step"]: r for r in records if "loss" in r}
     evals = lambda records: {r["step"]: r for r in records if "eval_loss" in r}
     assert sorted(steps(objective)) == [1, 2, 3] and sorted(evals(objective)) == [2]
-    # Equal losses at steps 2 and 3 also mean equal gradients: each step trains on the one before.
+    # Equal gradient norms: megatron-core divided the gradients by the objective's count (sequences), not
+    # by tokens (Adam alone would hide a wrong scale); equal losses at steps 2 and 3 follow from them.
     for step, record in steps(pt).items():
         assert steps(objective)[step]["loss"] == pytest.approx(record["loss"], rel=1e-5), step
+        assert steps(objective)[step]["grad_norm"] == pytest.approx(record["grad_norm"], rel=1e-5), step
     assert evals(objective)[2]["eval_loss"] == pytest.approx(evals(pt)[2]["eval_loss"], rel=1e-5)
     # The objective's own metrics, summed over micro-batches and ranks: global batch 4 of 32-token rows;
     # evaluation reads eval_iters micro-batches of 1 row.
