@@ -47,6 +47,7 @@ def forward_logits(chunks, tokens: torch.Tensor):
 def run_case(case: dict, tp: int, pp: int, ep: int, vpp: int | None) -> dict:
     from megatron.core import dist_checkpointing, parallel_state
 
+    from megaswift.checkpointing.integrity import FILES_KEY, record_files
     from megaswift.checkpointing.layout import read_meta, write_latest, write_meta
     from megaswift.checkpointing.state import model_state_keys
     from megaswift.config import ParallelConfig
@@ -79,8 +80,10 @@ def run_case(case: dict, tp: int, pp: int, ep: int, vpp: int | None) -> dict:
             save_dir.mkdir(parents=True)
         torch.distributed.barrier()
         dist_checkpointing.save({n: c.sharded_state_dict() for n, c in zip(names, chunks)}, str(save_dir))
+        # The converted checkpoint's recorded file sums describe its own files: record this save's (collective).
+        files = record_files(save_dir)
         if torch.distributed.get_rank() == 0:
-            write_meta(save_dir, {**read_meta(ckpt), "iteration": 0})
+            write_meta(save_dir, {**read_meta(ckpt), "iteration": 0, FILES_KEY: files})
             write_latest(save_dir.parent, 0)
         torch.distributed.barrier()
     return result
