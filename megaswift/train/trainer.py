@@ -9,7 +9,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import megatron.core
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state

@@ -79,13 +79,6 @@ def test_disk_full_mid_save_names_folder_and_size_and_keeps_latest(demo_data, tr
     assert sorted(p.name for p in ckpt.iterdir()) == left  # and its unfinished folder is gone
 
 
-def _tmpfs_or_none(small_disk, size):
-    try:
-        return small_disk(size)
-    except pytest.skip.Exception:
-        return None
-
-
 def test_save_that_cannot_fit_is_refused_before_writing(demo_data, tmp_path, small_disk):
     ckpt = small_disk(512 << 10) / "ckpt"  # a tiny-llama checkpoint with Adam state takes ~3.7 MB
     proc = run_pt(pt_flags(demo_data, tmp_path, train__train_iters=2, checkpoint__save=ckpt), check=False)

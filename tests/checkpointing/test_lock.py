@@ -11,7 +11,7 @@ import pytest
 
 from megaswift.checkpointing.layout import CheckpointError, read_latest
 from megaswift.checkpointing.lock import LOCK_FILE, CheckpointFolderLock, hold_checkpoint_folder
-from tests.torchrun import REPO, child_env, python_path
+from tests.torchrun import child_env
 from tests.train.runner import pt_flags, run_pt
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from converters.output_dir import _lock_folder, atomic_output_dir
 from megaswift.checkpointing.layout import iteration_dir, read_latest, remove_orphaned_temporaries
-from tests.torchrun import child_env, python_path
+from tests.torchrun import child_env
 from tests.train.runner import run_pt
 
 

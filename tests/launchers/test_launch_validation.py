@@ -1,7 +1,6 @@
 """`megaswift launch` checks a megaswift pt/sft command for the launch's world size before it starts any
 process (and in --dry-run): a bad layout or flag is one error line, with no torchrun banner, no worker output
 and no ChildFailedError report."""
-import os
 import subprocess
 import sys
 import time
@@ -9,7 +8,7 @@ import time
 import pytest
 
 from megaswift.cli.preflight import megaswift_subcommand
-from tests.torchrun import child_env, python_path
+from tests.torchrun import child_env
 from tests.train.runner import pt_flags
 
 BANNER = "megaswift launch: node 0 of 1"  # printed just before the launcher becomes torchrun

@@ -1,7 +1,6 @@
 """Fixtures for the CPU-support tests: each runs megatron-core in fresh processes, because the
 CPU patches are process-wide and must not leak into the pytest process."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -6,7 +6,6 @@ warning filters and the process-group state are what they were (library_call_pro
 It runs in a fresh process: pytest's own process may already hold patches applied by other tests.
 """
 import json
-import os
 import subprocess
 import sys
 

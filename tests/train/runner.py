@@ -1,6 +1,5 @@
 """Run `megaswift pt` as users do (a subprocess, torchrun for several processes) and read its metrics."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

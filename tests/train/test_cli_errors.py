@@ -3,7 +3,6 @@ a run says is said once (rank 0), one line each, and known library notices are n
 import importlib.metadata
 import io
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -12,7 +11,7 @@ import pytest
 
 from megaswift.cli import quiet, report
 from megaswift.config import ConfigError
-from tests.torchrun import REPO, child_env, run_torchrun
+from tests.torchrun import child_env, run_torchrun
 from tests.train.runner import pt_flags, run_pt
 
 

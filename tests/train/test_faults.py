@@ -1,6 +1,5 @@
 """Signals, crashes mid-save and diverging losses: what users rely on when things go wrong."""
 import json
-import os
 import re
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 
 from megaswift.checkpointing.layout import read_latest, resolve_checkpoint
-from tests.torchrun import REPO, child_env
+from tests.torchrun import child_env
 from tests.train.runner import losses, pt_flags, run_pt
 
 

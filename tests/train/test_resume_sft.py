@@ -2,7 +2,6 @@
 stopped: the losses of every step equal an uninterrupted run's bit for bit in fp32 (dropout on), each step is
 in metrics.jsonl once, and the checkpoint given by checkpoint.load only seeds the first run (issue 10 §2)."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pytest
 
 from megaswift.checkpointing.layout import META_FILE, read_latest, resolve_checkpoint
-from tests.torchrun import child_env, python_path, run_torchrun
+from tests.torchrun import child_env, run_torchrun
 from tests.train.test_sft import _write_alpaca
 
 TOTAL = 8

@@ -18,7 +18,6 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 from megaswift.data.rlhf import PairRowsDataset, PairTemplate, collate_pairs, normalise_pair  # noqa: E402
 from megaswift.data.rlhf.preprocess import OUTPUT_FEATURES  # noqa: E402
 from megaswift.data.sft.loss_scale import load_loss_scale  # noqa: E402
-from megaswift.data.sft.packing import block_diagonal_causal_mask  # noqa: E402
 from megaswift.data.sft.template import IGNORE_INDEX, SFTTemplate  # noqa: E402
 from megaswift.objectives import sequence_logps, token_logps  # noqa: E402
 
