@@ -70,3 +70,32 @@ def wait_finished(job_id: str, timeout: float, restarts: int = 0, details=lambda
         fields = job_fields(job_id)
         return fields if fields["JobState"] in FINISHED and int(fields["Restarts"]) >= restarts else None
     return wait_until(finished, timeout, f"job {job_id} (run {restarts}) to finish", details)
+
+
+def signal_then_requeue(script: Path, config: Path, folder: Path, save: Path, steps, train_iters: int, details,
+                        first_step_timeout: float, run_timeout: float) -> tuple[str, int, str]:
+    """Submits `script config` on 2 CPU processes, sends the pre-timeout SIGTERM (to the batch shell only, which
+    passes it to the training step) once `steps()` lists three steps, checks the job exited 0 early with its
+    last step saved in `save`,
+    requeues it (same job, same command) and waits for the requeued run to complete. Returns (job id, the step
+    the first run stopped at, `details()` as it was after the first run)."""
+    # The scripts ask for 8 GPUs per node by default; this CPU cluster has none, so the GPUs are overridden and
+    # the processes per node set through NPROC_PER_NODE, as a CPU user would.
+    job = sbatch(["--gpus-per-node=0", "--time=10", "--export=ALL", f"--chdir={folder}", script, config],
+                 cwd=folder, env=job_env(NPROC_PER_NODE="2"))
+    try:
+        wait_until(lambda: len(steps()) >= 3, first_step_timeout, "the job's third training step", details)
+        assert run(["scancel", "--batch", "--signal=TERM", job]).returncode == 0
+        first = wait_finished(job, run_timeout, details=details)
+        assert (first["JobState"], first["ExitCode"]) == ("COMPLETED", "0:0"), details()
+        stopped_at = steps()[-1]
+        assert 3 <= stopped_at < train_iters, f"the signal should stop training early; last step {stopped_at}"
+        assert (save / "latest").read_text().strip() == str(stopped_at)
+        assert (save / f"iter_{stopped_at:07d}").is_dir()
+        first_run = details()
+        assert run(["scontrol", "requeue", job]).returncode == 0
+        second = wait_finished(job, run_timeout + 60, restarts=1, details=details)
+        assert (second["JobState"], second["ExitCode"], second["Restarts"]) == ("COMPLETED", "0:0", "1"), details()
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    return job, stopped_at, first_run

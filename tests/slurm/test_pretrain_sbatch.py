@@ -1,12 +1,11 @@
 """`sbatch slurm/pretrain.sh` on the real one-node Slurm, CPU only: a signalled job saves and exits 0, and the
 requeued job (SLURM_RESTART_COUNT=1) resumes from that checkpoint with the same command, to the end."""
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.launchers.pretrain_config import metrics, write_pretrain_config
-from tests.slurm.cluster import REPO, job_env, job_fields, not_ready_reason, run, sbatch, wait_finished, wait_until
+from tests.slurm.cluster import REPO, not_ready_reason, signal_then_requeue
 
 REASON = not_ready_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -31,28 +30,12 @@ def job_logs(folder: Path) -> str:
 
 def test_signalled_job_saves_and_requeued_job_resumes(tmp_path, demo_data):
     config = write_pretrain_config(tmp_path, demo_data, TRAIN_ITERS, save=True)
-    # The script asks for 8 GPUs per node by default; this CPU cluster has none, so the test overrides it and
-    # sets the processes per node through NPROC_PER_NODE, as a CPU user would.
-    job = sbatch(["--gpus-per-node=0", "--time=10", "--export=ALL", f"--chdir={tmp_path}",
-                  REPO / "slurm" / "pretrain.sh", config], cwd=tmp_path, env=job_env(NPROC_PER_NODE="2"))
-    details = lambda: job_logs(tmp_path)  # noqa: E731
-    try:
-        wait_until(lambda: len(metric_steps(tmp_path)) >= 3, 150, "the job's third training step", details)
-        # the pre-timeout signal path: SIGTERM to the batch shell only, which passes it to the training step
-        assert run(["scancel", "--batch", "--signal=TERM", job]).returncode == 0
-        first = wait_finished(job, 120, details=details)
-        assert (first["JobState"], first["ExitCode"]) == ("COMPLETED", "0:0"), details()
-        stopped_at = metric_steps(tmp_path)[-1]
-        assert 3 <= stopped_at < TRAIN_ITERS, f"the signal should stop training early; last step {stopped_at}"
-        assert (tmp_path / "ckpt" / "latest").read_text().strip() == str(stopped_at)
-        assert (tmp_path / "ckpt" / f"iter_{stopped_at:07d}").is_dir()
-        assert f"stopped by signal after step {stopped_at}; checkpoint saved" in details()
-
-        assert run(["scontrol", "requeue", job]).returncode == 0  # same job, same command, no flag changed
-        second = wait_finished(job, 180, restarts=1, details=details)
-        assert (second["JobState"], second["ExitCode"], second["Restarts"]) == ("COMPLETED", "0:0", "1"), details()
-    finally:
-        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    steps = lambda: metric_steps(tmp_path)  # noqa: E731
+    job, stopped_at, first_run = signal_then_requeue(REPO / "slurm" / "pretrain.sh", config, tmp_path,
+                                                     tmp_path / "ckpt", steps, TRAIN_ITERS,
+                                                     lambda: job_logs(tmp_path), first_step_timeout=150,
+                                                     run_timeout=120)
+    assert f"stopped by signal after step {stopped_at}; checkpoint saved" in first_run
     batch_out = (tmp_path / f"megaswift-pt-{job}.out").read_text()
     assert f"job {job} restart 0" in batch_out and f"job {job} restart 1" in batch_out  # appended, not truncated
     assert metric_steps(tmp_path) == list(range(1, TRAIN_ITERS + 1)), "resumed run must continue the step count"

@@ -3,13 +3,12 @@ tiny files: a fine-tune seeded by `checkpoint.load ... finetune` is signalled, s
 runs the same command and resumes from checkpoint.save (not from the seed again), continuing with no step missing
 or repeated."""
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.slurm.cluster import REPO, job_env, not_ready_reason, run, sbatch, wait_finished, wait_until
+from tests.slurm.cluster import REPO, not_ready_reason, signal_then_requeue
 from tests.slurm.test_pretrain_sbatch import job_logs
 from tests.torchrun import run_torchrun
 from tests.train.test_sft import _write_alpaca
@@ -48,23 +47,9 @@ def write_sft_config(folder: Path, tokenizer: Path) -> Path:
 def test_signalled_sft_job_saves_and_requeued_job_resumes_without_gap_or_repeat(tmp_path, demo_data):
     config = write_sft_config(tmp_path, demo_data[0])
     save = tmp_path / "ckpt"
-    job = sbatch(["--gpus-per-node=0", "--time=10", "--export=ALL", f"--chdir={tmp_path}",
-                  REPO / "slurm" / "sft.sh", config], cwd=tmp_path, env=job_env(NPROC_PER_NODE="2"))
-    details = lambda: job_logs(tmp_path)  # noqa: E731
-    try:
-        wait_until(lambda: len(metric_steps(save)) >= 3, 240, "the job's third training step", details)
-        assert run(["scancel", "--batch", "--signal=TERM", job]).returncode == 0
-        first = wait_finished(job, 180, details=details)
-        assert (first["JobState"], first["ExitCode"]) == ("COMPLETED", "0:0"), details()
-        stopped_at = metric_steps(save)[-1]
-        assert 3 <= stopped_at < TRAIN_ITERS, f"the signal should stop training early; last step {stopped_at}"
-        assert (save / "latest").read_text().strip() == str(stopped_at)
-
-        assert run(["scontrol", "requeue", job]).returncode == 0  # same job, same command, no flag changed
-        second = wait_finished(job, 300, restarts=1, details=details)
-        assert (second["JobState"], second["ExitCode"], second["Restarts"]) == ("COMPLETED", "0:0", "1"), details()
-    finally:
-        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    _, stopped_at, _ = signal_then_requeue(REPO / "slurm" / "sft.sh", config, tmp_path, save, lambda: metric_steps(save),
+                                           TRAIN_ITERS, lambda: job_logs(tmp_path), first_step_timeout=240,
+                                           run_timeout=180)
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*/*.log")))
     assert f"starting from the weights of {tmp_path / 'seed' / 'iter_0000000'} at step 0" in logs
     assert f"resuming from {save / f'iter_{stopped_at:07d}'} at step {stopped_at} of {TRAIN_ITERS}" in logs
