@@ -47,9 +47,9 @@ def write_sft_config(folder: Path, tokenizer: Path) -> Path:
 def test_signalled_sft_job_saves_and_requeued_job_resumes_without_gap_or_repeat(tmp_path, demo_data):
     config = write_sft_config(tmp_path, demo_data[0])
     save = tmp_path / "ckpt"
-    _, stopped_at, _ = signal_then_requeue(REPO / "slurm" / "sft.sh", config, tmp_path, save, lambda: metric_steps(save),
-                                           TRAIN_ITERS, lambda: job_logs(tmp_path), first_step_timeout=240,
-                                           run_timeout=180)
+    steps = lambda: metric_steps(save)  # noqa: E731
+    _, stopped_at, _ = signal_then_requeue(REPO / "slurm" / "sft.sh", config, tmp_path, save, steps, TRAIN_ITERS,
+                                           lambda: job_logs(tmp_path), first_step_timeout=240, run_timeout=180)
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*/*.log")))
     assert f"starting from the weights of {tmp_path / 'seed' / 'iter_0000000'} at step 0" in logs
     assert f"resuming from {save / f'iter_{stopped_at:07d}'} at step {stopped_at} of {TRAIN_ITERS}" in logs
