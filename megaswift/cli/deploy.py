@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long the first request of a batch waits for others to join it")
     parser.add_argument("--default-max-tokens", type=int, default=512,
                         help="chat completion length when a request sets no max_tokens (capped by the context)")
-    parser.add_argument("--backend", choices=["transformers"], default="transformers",
-                        help="generation backend (vLLM: not offered yet, see issue 14)")
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                        help="transformers: megaswift's FastAPI server (CPU or GPU); vllm: hands over to vLLM's own "
+                             "OpenAI server (CUDA, vLLM installed; not exercised in CI)")
 
 
 def _clean_exit_server_class():
@@ -41,10 +42,34 @@ def _clean_exit_server_class():
     return CleanExitServer
 
 
+def _hand_over_to_vllm(args: argparse.Namespace) -> int:
+    """Replace this process with vLLM's OpenAI server (see megaswift/serve/vllm_backend.py)."""
+    import os
+    from pathlib import Path
+
+    from megaswift.serve.loading import ModelLoadError, parse_adapters, resolve_model_dir
+    from megaswift.serve.vllm_backend import VLLMUnavailable, require_vllm, vllm_command
+
+    try:
+        require_vllm()
+        adapters = parse_adapters(args.adapters)
+        model_dir = resolve_model_dir(args.model, args.export_cache)
+        command = vllm_command(model_dir, args.served_name or Path(model_dir).resolve().name, adapters, args.host,
+                               args.port, args.api_key, args.dtype, args.max_batch_size)
+    except (VLLMUnavailable, ModelLoadError, ValueError, OSError) as err:
+        print(f"megaswift deploy: error: {err}", file=sys.stderr)
+        return 1
+    shown = [part if part != args.api_key else "***" for part in command]
+    print(f"megaswift deploy: handing over to vLLM: {' '.join(shown)}", flush=True)
+    os.execv(command[0], command)
+
+
 def run(args: argparse.Namespace) -> int:
     from megaswift.serve.loading import ModelLoadError
     from megaswift.serve.model_args import load_from_args
 
+    if args.backend == "vllm":
+        return _hand_over_to_vllm(args)
     try:
         loaded = load_from_args(args)
     except (ModelLoadError, ValueError, OSError) as err:

@@ -1,6 +1,10 @@
 """The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/chat/completions, /v1/completions.
 
 Model names: the base model's name and each adapter's name (requests pick an adapter by `model`).
+/v1/completions takes OpenAI's four prompt forms (text, texts, token ids, lists of token ids) and `echo` and
+`logprobs` as OpenAI defines them: what lm-eval-harness's `local-completions` model needs to score multiple
+choice. /tokenizer_info, /tokenize and /detokenize are vLLM's endpoints (outside /v1, unauthenticated, as in
+vLLM): lm-eval uses them to tokenize exactly as the server does.
 Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}, so OpenAI clients raise their
 usual exceptions: 400 for bad JSON, invalid fields and prompts longer than the context, 401 for a missing
 or wrong API key, 404 for an unknown model.
@@ -21,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from megaswift.data.sft.formats import SampleFormatError
-from megaswift.serve.engine import BatchingEngine, GenerationRequest, GenerationResult, Sampling
+from megaswift.serve.engine import BatchingEngine, GenerationRequest, GenerationResult, Sampling, TokenLogprobs
 from megaswift.serve.rendering import ChatRenderer, prompt_from_openai
 from megaswift.serve.tool_calls import StreamedContent, parse_tool_calls
 
@@ -66,17 +70,30 @@ class ChatCompletionRequest(_Sampled):
 
 
 class CompletionRequest(_Sampled):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False                          # the prompt comes back before the completion (and is scored)
+    logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; 0: only the chosen token's
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
 
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def _usage(result: GenerationResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def _usage(*results: GenerationResult) -> dict:
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class OpenAIServer:
@@ -198,22 +215,92 @@ class OpenAIServer:
                                   "code": None}})
         yield _sse("[DONE]")
 
+    def completion_prompts(self, prompt) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt, from any of OpenAI's four prompt forms."""
+        tokenizer = self.renderer.tokenizer
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "expected at least one prompt, found an empty list", param="prompt")
+        prompts = []
+        for item in prompt:
+            if isinstance(item, str):
+                ids = tokenizer(item, add_special_tokens=True)["input_ids"]
+            else:
+                ids, bad = list(item), [t for t in item if not 0 <= t < len(tokenizer)]
+                if bad:
+                    raise APIError(400, f"expected token ids in [0, {len(tokenizer)}), found {bad[:5]}",
+                                   param="prompt")
+                item = tokenizer.decode(ids)
+            if not ids:
+                raise APIError(400, "expected a prompt of at least one token, found an empty one", param="prompt")
+            prompts.append((item, ids))
+        return prompts
+
     async def completions(self, body: CompletionRequest):
         adapter = self.adapter_of(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, f"expected one prompt, found {len(prompts)}: send one request per prompt",
-                           param="prompt")
-        ids = self.renderer.tokenizer(prompts[0])["input_ids"]
-        request = GenerationRequest(ids, self.max_new_tokens(len(ids), body.max_tokens, "prompt"),
-                                    body.sampling(), body.stops(), adapter, body.ignore_eos)
+        prompts = self.completion_prompts(body.prompt)
+        if body.stream and (len(prompts) > 1 or body.echo or body.logprobs is not None):
+            raise APIError(400, "streaming serves one prompt without echo or logprobs; send stream=false for "
+                                "several prompts, echo or logprobs", param="stream")
+        requests = [GenerationRequest(ids, self.max_new_tokens(len(ids), body.max_tokens, "prompt"), body.sampling(),
+                                      body.stops(), adapter, body.ignore_eos, logprobs=body.logprobs)
+                    for _, ids in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "object": "text_completion"}
         if body.stream:
-            return StreamingResponse(self._completion_stream(request, head), media_type="text/event-stream")
-        result = await asyncio.wrap_future(self.engine.submit(request))
-        return {**head, "usage": _usage(result), "choices": [
-            {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}]}
+            return StreamingResponse(self._completion_stream(requests[0], head), media_type="text/event-stream")
+        # submitted together, so the engine generates them in one batch
+        futures = [asyncio.wrap_future(self.engine.submit(request)) for request in requests]
+        results = await asyncio.gather(*futures)
+        choices = []
+        for index, ((text, _), result) in enumerate(zip(prompts, results)):
+            logprobs = None
+            if result.logprobs is not None:
+                logprobs = self.openai_logprobs(result.logprobs, 0 if body.echo else result.prompt_tokens,
+                                                0 if body.echo else len(text))
+            choices.append({"index": index, "text": text + result.text if body.echo else result.text,
+                            "finish_reason": result.finish_reason, "logprobs": logprobs})
+        return {**head, "usage": _usage(*results), "choices": choices}
+
+    def openai_logprobs(self, scored: TokenLogprobs, first: int, offset: int) -> dict:
+        """OpenAI's completions `logprobs` object for the tokens from `first` on: their text, log-probability,
+        character offset (counted from the start of the prompt, as OpenAI does) and the likeliest tokens at each
+        position, the chosen one included (as vLLM does) so a client can tell whether it was the top choice."""
+        tokenizer = self.renderer.tokenizer
+        piece = lambda token: tokenizer.decode([token])  # noqa: E731 - special tokens shown, as OpenAI does
+        tokens, offsets, tops = [], [], []
+        for token, logprob, top in zip(scored.token_ids[first:], scored.logprobs[first:], scored.top[first:]):
+            text = piece(token)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if top is None:
+                tops.append(None)
+                continue
+            best = {}
+            for alternative, value in top:  # likeliest first: a text two tokens share keeps the higher value
+                best.setdefault(piece(alternative), value)
+            best.setdefault(text, logprob)
+            tops.append(best)
+        return {"tokens": tokens, "token_logprobs": scored.logprobs[first:], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def tokenizer_info(self) -> dict:
+        tokenizer = self.renderer.tokenizer
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                "chat_template": tokenizer.chat_template, "model_max_length": self.loaded.context_length}
+
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        ids = self.renderer.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return {"count": len(ids), "max_model_len": self.loaded.context_length, "tokens": ids}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        tokenizer = self.renderer.tokenizer
+        if any(not 0 <= t < len(tokenizer) for t in body.tokens):
+            raise APIError(400, f"expected token ids in [0, {len(tokenizer)})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     async def _completion_stream(self, request: GenerationRequest, head: dict):
         async for item in self._stream(request):
@@ -261,6 +348,18 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         return await server.completions(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return server.tokenizer_info()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return server.detokenize(body)
 
     @app.get("/health")
     async def health():

@@ -37,6 +37,16 @@ class GenerationRequest:
     adapter: str | None = None                    # None: the base model
     ignore_eos: bool = False                      # for benchmarks: always generate max_new_tokens
     on_text: Callable[[str], None] | None = None  # streaming: called with each new piece of text
+    logprobs: int | None = None                   # also score every token, with this many alternatives each
+
+
+@dataclass
+class TokenLogprobs:
+    """Every token of prompt + completion with its log-probability given the tokens before it (None for the
+    first token, which nothing predicts) and the `top` likeliest tokens at that position, likeliest first."""
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
 
 
 @dataclass
@@ -45,6 +55,8 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
     prompt_tokens: int
+    stop_token: int | None = None          # the end-of-turn token generation ended on (not in token_ids)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
     @property
     def completion_tokens(self) -> int:
@@ -61,12 +73,13 @@ class _Row:
     text: str = ""
     sent: int = 0          # characters of text already streamed
     finish_reason: str | None = None
+    stop_token: int | None = None
 
     def add(self, token: int) -> None:
         if self.finish_reason:
             return
         if token in self.eos_ids and not self.request.ignore_eos:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_token = "stop", token
         else:
             self.ids.append(token)
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -163,7 +176,33 @@ class Generator:
             model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
                            stopping_criteria=StoppingCriteriaList([_rows_done_criterion(rows)]),
                            streamer=streamer, **extra)
-        return [GenerationResult(row.text, row.ids, row.finish_reason, len(row.request.prompt_ids)) for row in rows]
+        results = [GenerationResult(row.text, row.ids, row.finish_reason, len(row.request.prompt_ids), row.stop_token)
+                   for row in rows]
+        for request, result in zip(requests, results):
+            if request.logprobs is not None:
+                # the end-of-turn token was generated too: scored, as OpenAI-compatible servers do
+                ids = request.prompt_ids + result.token_ids + ([result.stop_token] if result.stop_token is not None
+                                                               else [])
+                result.logprobs = self.token_logprobs(ids, request.adapter, request.logprobs)
+        return results
+
+    def token_logprobs(self, ids: list[int], adapter: str | None, top: int) -> TokenLogprobs:
+        """Teacher-forced scores of `ids` from one forward pass: the model's own distribution at each position
+        (no temperature or top-p), as lm-eval-harness and OpenAI's `logprobs` expect. One sequence at a time keeps
+        the memory at one sequence's logits (length x vocabulary)."""
+        import torch
+
+        model = self.loaded.model
+        device = next(model.parameters()).device
+        extra = {"adapter_names": [adapter or BASE_ADAPTER]} if self.loaded.adapters else {}
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device=device), **extra).logits[0, :-1]
+            logprobs = logits.float().log_softmax(-1)
+            chosen = logprobs.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
+            values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1) if top else (None, None)
+        tops = [None] + ([list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())] if top
+                         else [[] for _ in chosen])
+        return TokenLogprobs(list(ids), [None, *chosen], tops)
 
 
 _STOP = object()

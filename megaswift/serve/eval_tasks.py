@@ -88,7 +88,7 @@ def read_task(path: str | Path):
     if path.suffix == ".jsonl":
         return "qa", read_qa(path)
     raise ValueError(f"--tasks {path}: expected a .csv (multiple choice) or .jsonl (question answering) file, "
-                     f"found {path.suffix!r}; lm-eval-harness task names are not supported yet")
+                     f"found {path.suffix!r}")
 
 
 def letter_of(reply: str) -> str | None:

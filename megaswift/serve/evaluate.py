@@ -82,11 +82,16 @@ def evaluate(backend, tasks: list[str], max_new_tokens: int = 128, limit: int | 
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'task':<32} {'kind':<5} {'n':>6}  metrics"]
+    lines = [f"{'task':<32} {'kind':<7} {'n':>6}  metrics"]
     for name, r in results.items():
-        metrics = (f"accuracy {r['accuracy']}% ({r['correct']}/{r['n']})" if r["kind"] == "mcq"
-                   else f"ROUGE-L F1 {r['rougeL_f1']}  BLEU {r['bleu']}")
-        lines.append(f"{name:<32} {r['kind']:<5} {r['n']:>6}  {metrics}")
+        if r["kind"] == "mcq":
+            metrics = f"accuracy {r['accuracy']}% ({r['correct']}/{r['n']})"
+        elif r["kind"] == "qa":
+            metrics = f"ROUGE-L F1 {r['rougeL_f1']}  BLEU {r['bleu']}"
+        else:  # lm-eval's own metrics, on its own scale (fractions)
+            from megaswift.serve.harness import format_metrics
+            metrics = format_metrics(r)
+        lines.append(f"{name:<32} {r['kind']:<7} {r['n'] if r['n'] is not None else '-':>6}  {metrics}")
     return "\n".join(lines)
 
 

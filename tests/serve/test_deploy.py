@@ -114,6 +114,47 @@ def test_completions(client, tiny_chat_model):
     assert streamed == expected
 
 
+def test_completions_echo_logprobs_are_transformers_log_softmax(client, tiny_chat_model):
+    """OpenAI's `echo` + `logprobs` (what lm-eval's local-completions scores choices with), for token-id prompts
+    sent together: every token's log-probability equals transformers' own forward on prompt + generated token."""
+    import torch
+    tokenizer, model = load_tokenizer(tiny_chat_model), AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    prompts = [tokenizer(text)["input_ids"] for text in ("The list type", "Say hello. Hello there")]
+    reply = client.completions.create(model="model", prompt=prompts, max_tokens=1, temperature=0, echo=True,
+                                      logprobs=3)
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice, ids in zip(reply.choices, prompts):
+        with torch.no_grad():
+            next_token = int(model(torch.tensor([ids])).logits[0, -1].argmax())  # greedy; may be end of turn
+            full = ids + [next_token]
+            expected = model(torch.tensor([full])).logits[0, :-1].log_softmax(-1)
+        scored = choice.logprobs
+        assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None
+        assert scored.token_logprobs[1:] == pytest.approx(expected.gather(1, torch.tensor(full[1:])[:, None])[:, 0]
+                                                          .tolist(), abs=1e-4)
+        assert [max(top.values()) for top in scored.top_logprobs[1:]] == \
+               pytest.approx(expected.max(-1).values.tolist(), abs=1e-4)
+        assert all(len(top) <= 4 for top in scored.top_logprobs[1:])  # 3 likeliest + the chosen token
+        assert scored.tokens[:len(ids)] == [tokenizer.decode([t]) for t in ids]
+        assert choice.text.startswith(tokenizer.decode(ids))
+    plain = client.completions.create(model="model", prompt="The list type", max_tokens=4, temperature=0, logprobs=0)
+    scored = plain.choices[0].logprobs  # without echo: the generated tokens only, offsets after the prompt
+    assert "".join(scored.tokens).startswith(plain.choices[0].text) and scored.text_offset[0] == len("The list type")
+
+
+def test_lm_eval_tasks_against_the_server(server, tmp_path):
+    """lm-eval's local-completions (log-likelihoods from echo + logprobs, tokens from /tokenize, the chat template
+    from /tokenizer_info) scores the tasks as the local model does (tests/serve/test_harness.py)."""
+    from megaswift.cli.main import main
+    from tests.serve.harness_tasks import EXPECTED, write_tiny_tasks
+    mc_yaml, gen_yaml = write_tiny_tasks(tmp_path / "tasks")
+    out = tmp_path / "results.json"
+    assert main(["eval", "--url", f"{server[0]}/v1", "--api-key", KEY, "--served-model", "model",
+                 "--tasks", f"{mc_yaml},{gen_yaml}", "--apply-chat-template", "--output", str(out)]) == 0
+    tasks = json.loads(out.read_text())["tasks"]
+    assert {name: {k: tasks[name][k] for k in metrics} for name, metrics in EXPECTED.items()} == EXPECTED
+
+
 def test_bad_requests_get_openai_errors(client, server):
     with pytest.raises(openai.NotFoundError) as err:
         _chat(client, model="gamma")
