@@ -2,6 +2,8 @@
 
 Writes config.json (the HF config recorded in megaswift.json, unchanged), the tokenizer and generation
 files kept in hf_assets/, sharded safetensors + model.safetensors.index.json, and verification.json.
+An adapter checkpoint (a LoRA/DoRA run's) becomes a PEFT adapter folder, or with `merge` its base exported
+with the adapter merged in (adapter_convert.py).
 """
 import json
 from pathlib import Path
@@ -9,12 +11,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from converters.adapter_convert import export_peft_adapter, merge_into_base, peft_tensors_of, verify_merged
 from converters.coverage import check_mapping_matches_layout, expected_hf_shapes
 from converters.errors import ConversionError
 from converters.mcore_layout import McoreTensor, mcore_layout
 from converters.mcore_reader import McoreCheckpointReader
 from converters.output_dir import atomic_output_dir, check_output_dir
 from converters.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size, plan_shards
+from megaswift.checkpointing.adapter import is_adapter_checkpoint, recorded_tuner, resolve_base
 from megaswift.checkpointing.integrity import damaged_files
 from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, read_meta,
                                             resolve_checkpoint)
@@ -41,7 +45,11 @@ def _read_region_of(target: McoreTensor, stored_shape: tuple[int, ...], vocab_si
 
 
 def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "5GB", verify: bool | None = None,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, progress: bool = True, merge: bool = False,
+             base_name_or_path: str | None = None) -> dict:
+    """`merge`: for an adapter checkpoint, write the full model with the adapter merged instead of the PEFT
+    folder. `base_name_or_path`: the adapter_config.json field (default: what an imported adapter recorded,
+    else the base checkpoint's path)."""
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any work
     max_shard_bytes = parse_size(max_shard_size)
@@ -51,6 +59,37 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
     _check_files_intact(ckpt)
+    if not is_adapter_checkpoint(meta):
+        if merge:
+            raise ConversionError(f"--merge merges an adapter into its base, but {ckpt} is a full checkpoint (no "
+                                  f"'adapter' in its megaswift.json); export it without --merge")
+        return _export_model(ckpt, meta, out_dir, max_shard_bytes, verify, overwrite, progress)
+    if not merge:
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            report = export_peft_adapter(ckpt, meta, tmp, base_name_or_path)
+            copy_hf_assets(ckpt / HF_ASSETS, tmp)
+        return report
+    try:
+        base = resolve_base(ckpt, meta)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    _check_files_intact(base)
+    replace, unused = merge_into_base(peft_tensors_of(ckpt, meta), recorded_tuner(meta))
+
+    def check(tmp: Path, planned: list) -> dict:  # megaswift with the adapter vs transformers on the merged model
+        if verify is False:
+            return {}
+        return verify_merged(ckpt, tmp, out_dir, verify is True, sum(torch.Size(t.shape).numel() for t in planned),
+                             all(t.dtype == torch.float32 for t in planned))
+    return _export_model(base, read_meta(base), out_dir, max_shard_bytes, False, overwrite, progress,
+                         replace=replace, assets=ckpt / HF_ASSETS, check_done=unused, after_write=check)
+
+
+def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, verify: bool | None, overwrite: bool,
+                  progress: bool, replace=None, assets: Path | None = None, check_done=None, after_write=None) -> dict:
+    """The full model of `ckpt` as an HF folder. `replace(hf_name, tensor)`: what to write instead of each HF
+    tensor (merging); `check_done()`: names left unused by `replace`, which must be none; `after_write(tmp,
+    planned)`: a check of the written folder before it is moved into place, returning the report."""
     hf = meta.get("hf_config")
     if not hf:
         raise ConversionError(f"{ckpt / 'megaswift.json'}: has no 'hf_config'; cannot tell which model it holds")
@@ -74,11 +113,14 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan_shards(planned, max_shard_bytes))
         for m in tqdm(mappings, desc="mcore2hf", unit="tensor", disable=not progress):
-            _write_mapping(m, layout.tensors[m.mcore], regions[m.mcore], reader, writer, dims)
+            _write_mapping(m, layout.tensors[m.mcore], regions[m.mcore], reader, writer, dims, replace)
         writer.close()
+        left = check_done() if check_done else []
+        if left:
+            raise ConversionError(f"{ckpt}: adapter tensors for modules the base has no weight for: {left}")
         (tmp / "config.json").write_text(json.dumps(_with_saved_dtype(hf, planned), indent=2, sort_keys=True))
-        copy_hf_assets(ckpt / HF_ASSETS, tmp)
-        report = {}
+        copy_hf_assets(assets or ckpt / HF_ASSETS, tmp)
+        report = after_write(tmp, planned) if after_write else {}
         if verify is not False:
             from converters.verify import verify_conversion
             report = verify_conversion(hf, hf_dir=tmp, mcore_dir=ckpt, hf_dtype=None, tmp=tmp, final=out_dir,
@@ -109,12 +151,12 @@ def _with_saved_dtype(hf: dict, planned: list) -> dict:
 
 
 def _write_mapping(m: TensorMapping, target: McoreTensor, region, reader: McoreCheckpointReader,
-                   writer: ShardedSafetensorsWriter, dims) -> None:
+                   writer: ShardedSafetensorsWriter, dims, replace=None) -> None:
     offsets, sizes = region
     tensor = reader.read_region(target.key, offsets, sizes)
     tensor = tensor.reshape(sizes[len(sizes) - len(target.shape):])  # drop the layer / expert axes
     for key, hf_tensor in zip(m.hf, m.transform.to_hf(tensor, dims)):
-        writer.write(key, hf_tensor)
+        writer.write(key, replace(key, hf_tensor) if replace else hf_tensor)
 
 
 def _check_no_unused_model_tensors(reader: McoreCheckpointReader, layout, ckpt: Path) -> None:

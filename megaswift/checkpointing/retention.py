@@ -21,14 +21,33 @@ def iterations_to_delete(complete: list[int], latest: int, keep_last: int, keep_
     return [i for i in old if not (keep_every > 0 and i % keep_every == 0)]
 
 
+def bases_in_use(root: Path, iterations: list[int]) -> set[Path]:
+    """The base checkpoints that the adapter checkpoints among `iterations` sit on (adapter.py)."""
+    from megaswift.checkpointing.adapter import is_adapter_checkpoint, recorded_base_path
+    from megaswift.checkpointing.layout import read_meta
+    bases = set()
+    for iteration in iterations:
+        folder = iteration_dir(root, iteration)
+        meta = read_meta(folder)
+        if is_adapter_checkpoint(meta):
+            bases.add(recorded_base_path(folder, meta).resolve())
+    return bases
+
+
 def apply_retention(root: str | Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Deletes the checkpoints `iterations_to_delete` names; returns the folders removed."""
+    """Deletes the checkpoints `iterations_to_delete` names, except a base that a kept LoRA checkpoint sits on
+    (a LoRA run saving into its base's folder); returns the folders removed."""
     latest = read_latest(root)
     if latest is None:
         return []
+    complete = complete_iterations(root)
+    doomed = iterations_to_delete(complete, latest, keep_last, keep_every)
+    needed = bases_in_use(Path(root), [i for i in complete if i not in doomed])
     removed = []
-    for iteration in iterations_to_delete(complete_iterations(root), latest, keep_last, keep_every):
+    for iteration in doomed:
         folder = iteration_dir(root, iteration)
+        if folder.resolve() in needed:
+            continue
         shutil.rmtree(folder)
         removed.append(folder)
     return removed

@@ -21,6 +21,11 @@ saved in. What is true in 0.19.2 with torch's AdamW (no Apex/TE):
 - MoE: expert parameters get an optimizer of their own only at EP > 1, so EP 1 <-> EP > 1 changes the
   number of chained optimizers, which megatron-core cannot map; refused before loading
   (`check_optimizer_parts`). EP changes on one side of 1, TP, PP, VPP and DP changes reshard.
+
+LoRA/DoRA runs (adapter.py): a save whose meta carries an "adapter" entry writes only the trainable parameters
+(adapters, modules_to_save) and their optimizer state; loading one loads the recorded base's weights first
+(after checking its fingerprint), then the adapter's. A full checkpoint loaded into a model with adapters is
+its base: every base weight must be there, the adapters keep their initialisation.
 """
 import shutil
 from pathlib import Path
@@ -38,8 +43,9 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
 from megaswift.checkpointing import collective
+from megaswift.checkpointing.adapter import is_adapter_checkpoint, is_adapter_tensor, resolve_base
 from megaswift.checkpointing.collective import broadcast_from_rank0, on_rank0_agreed
-from megaswift.checkpointing.integrity import (FILES_KEY, check_weights_finite, intact_checkpoint,
+from megaswift.checkpointing.integrity import (FILES_KEY, check_weights_finite, damaged_files, intact_checkpoint,
                                                read_naming_damage, record_files)
 from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, iteration_dir, read_latest,
                                             read_meta, temporary_dir, write_latest, write_meta)
@@ -73,9 +79,36 @@ def is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(inner, DistributedOptimizer) for inner in _inner_optimizers(optimizer))
 
 
+def trainable_names(chunk) -> set[str]:
+    """The state-dict names of a chunk's trained parameters: in a LoRA run the adapters and modules_to_save."""
+    return {name for name, param in _unwrap(chunk).named_parameters() if param.requires_grad}
+
+
+def has_adapters(chunks: list) -> bool:
+    return any(is_adapter_tensor(name) for chunk in chunks for name, _ in _unwrap(chunk).named_parameters())
+
+
+def _model_state(chunk, keep) -> dict:
+    state = _unwrap(chunk).sharded_state_dict()
+    if keep is None:
+        return state
+    wanted = keep(chunk)
+    return {name: value for name, value in state.items() if wanted(name)}
+
+
+def _trained(chunk):
+    return trainable_names(chunk).__contains__
+
+
+def _base_weight(chunk):
+    return lambda name: not is_adapter_tensor(name)
+
+
 def sharded_training_state(chunks: list, optimizer=None, is_loading: bool = False,
-                           sharding_type: str = RESHARDABLE_TYPE) -> dict:
-    state = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
+                           sharding_type: str = RESHARDABLE_TYPE, keep=None) -> dict:
+    """`keep(chunk)`: a predicate on the chunk's state-dict names choosing what to include (None: everything);
+    a LoRA checkpoint keeps `_trained`."""
+    state = {key: _model_state(chunk, keep) for key, chunk in zip(model_state_keys(chunks), chunks)}
     if optimizer is not None:
         # Every chunk's dict as it is, as Megatron-LM passes its whole state dict: megatron finds the weights by
         # walking the nested values. Merging the chunks' dicts into one loses all but the last virtual-pipeline
@@ -157,7 +190,9 @@ def save_checkpoint(root: str | Path, iteration: int, chunks: list, optimizer, s
     final = iteration_dir(root, iteration)
     # Every rank writes into the folder rank 0 names: a fresh nonce, so no other writer's folder is touched.
     tmp = Path(broadcast_from_rank0(str(temporary_dir(final)) if collective.rank() == 0 else None))
-    state = sharded_training_state(chunks, optimizer, sharding_type=SAVED_SHARDING_TYPE)
+    # A LoRA/DoRA run's checkpoint holds what it trains; the frozen base stays in the checkpoint it names.
+    keep = _trained if is_adapter_checkpoint(meta) else None
+    state = sharded_training_state(chunks, optimizer, sharding_type=SAVED_SHARDING_TYPE, keep=keep)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
@@ -361,6 +396,20 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
     checkpoint instead of a damaged one (the iteration returned is the one loaded)."""
     ckpt_dir = intact_checkpoint(Path(ckpt_dir), fallback) if verify else Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
+    adapters, adapter_checkpoint = has_adapters(chunks), is_adapter_checkpoint(meta)
+    check_model_kind(ckpt_dir, meta, adapters, optimizer is not None)
+    if adapters:  # the frozen base first: the checkpoint itself (a full one) or the one it records
+        base = resolve_base(ckpt_dir, meta) if adapter_checkpoint else ckpt_dir
+        if adapter_checkpoint:
+            _check_base_intact(base, ckpt_dir)
+        base_weights = _load_model_weights(base, chunks, _base_weight)
+        if not adapter_checkpoint:
+            from megaswift.tuners import init_dora_magnitudes
+            for key, chunk in zip(model_state_keys(chunks), chunks):
+                initial = {k: v for k, v in _unwrap(chunk).state_dict().items() if is_adapter_tensor(k)}
+                _unwrap(chunk).load_state_dict({**initial, **base_weights[key]}, strict=True)
+            init_dora_magnitudes([_unwrap(chunk) for chunk in chunks])  # DoRA starts at the loaded base's norms
+            return int(meta["iteration"])
     saved_chunks = [c for c in meta.get("contents", []) if c.startswith("model")]
     if optimizer is not None and "optimizer" not in meta.get("contents", []):
         raise CheckpointError(f"{ckpt_dir} holds no optimizer state (contents: {meta.get('contents')}); "
@@ -375,7 +424,8 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
         check_optimizer_parts(ckpt_dir, meta, optimizer)
     if optimizer is not None:
         prime_optimizer_state(optimizer)
-    state = sharded_training_state(chunks, optimizer, is_loading=True, sharding_type=sharding_type)
+    state = sharded_training_state(chunks, optimizer, is_loading=True, sharding_type=sharding_type,
+                                   keep=_trained if adapters else None)
     rng = read_naming_damage(lambda: RngLoad(ckpt_dir), ckpt_dir) if optimizer is not None else None  # a full resume continues the random draws
     state.update(rng.request() if rng else {})
     # Virtual-pipeline chunks hold layer subsets; on disk every layer has a global key, so any chunking loads.
@@ -383,7 +433,8 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
     loaded = read_naming_damage(
         lambda: dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED), ckpt_dir)
     for key, chunk in zip(model_state_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        weights = {**base_weights[key], **loaded[key]} if adapters else loaded[key]  # modules_to_save: trained
+        _unwrap(chunk).load_state_dict(weights, strict=True)
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"], sharding_type)
         if scheduler is not None:
@@ -391,3 +442,34 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
             scheduler.load_state_dict(common["scheduler"])
         rng.restore(loaded, (meta.get("config") or {}).get("train", {}).get("seed", 0), int(meta["iteration"]))
     return int(meta["iteration"])
+
+
+def check_model_kind(ckpt_dir: Path, meta: dict, adapters: bool, with_optimizer: bool) -> None:
+    """An adapter checkpoint needs a model with adapters (it holds no base), and a full checkpoint can seed a
+    LoRA run's base but not its optimizer: say which, before reading tensors."""
+    if is_adapter_checkpoint(meta) and not adapters:
+        kind, base = meta["adapter"]["type"], meta["adapter"]["base"]["path"]
+        raise CheckpointError(
+            f"{ckpt_dir} is a {kind} adapter checkpoint (the adapters only, on the base {base}), "
+            f"but this run trains the full model (tuner.type full). Train it as it was trained (--tuner.type {kind}), "
+            f"or export it merged into a full model first (megaswift convert mcore2hf {ckpt_dir} OUT --merge)")
+    if adapters and not is_adapter_checkpoint(meta) and with_optimizer:
+        raise CheckpointError(
+            f"{ckpt_dir} is a full checkpoint; this run trains adapters (tuner.type lora/dora), whose optimizer state "
+            f"it cannot hold. Load it as the frozen base: --checkpoint.load {ckpt_dir} with a new checkpoint.save "
+            f"(its weights only)")
+
+
+def _check_base_intact(base: Path, adapter_dir: Path) -> None:
+    problems = damaged_files(base)
+    if problems:
+        raise CheckpointError(f"the base checkpoint {base} of the adapter checkpoint {adapter_dir} is damaged: "
+                              f"{'; '.join(problems[:5])}. Restore the file from a copy")
+
+
+def _load_model_weights(ckpt_dir: Path, chunks: list, keep) -> dict:
+    """Each chunk's weights that `keep` selects, read from `ckpt_dir` (every one of them must be there)."""
+    state = sharded_training_state(chunks, keep=keep)
+    loaded = read_naming_damage(
+        lambda: dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED), ckpt_dir)
+    return {key: loaded[key] for key in model_state_keys(chunks)}

@@ -13,7 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf = sub.add_parser("mcore2hf", help="megaswift / megatron-core checkpoint -> HF folder")
     to_hf.add_argument("mcore_dir", metavar="MCORE_DIR", help="checkpoint root (uses `latest`) or an iter_* folder")
     to_hf.add_argument("out_dir", metavar="OUT_DIR")
+    to_mcore.add_argument("--adapter", default=None, metavar="PEFT_DIR",
+                          help="also import this PEFT LoRA/DoRA adapter of the model into OUT_DIR/adapter/, to "
+                               "continue training it with --checkpoint.load OUT_DIR --tuner.type lora|dora")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    to_hf.add_argument("--merge", action="store_true",
+                       help="for a LoRA/DoRA checkpoint: write the full HF model with the adapter merged (in fp32, "
+                            "saved in the base's dtype) instead of a PEFT adapter folder")
+    to_hf.add_argument("--base-model-name-or-path", default=None,
+                       help="for a LoRA/DoRA checkpoint: base_model_name_or_path in adapter_config.json (default: "
+                            "what an imported adapter said, else the base checkpoint's path)")
     for p in (to_mcore, to_hf):
         p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                        help="check coverage and logits against transformers after converting "
@@ -30,10 +39,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.direction == "hf2mcore":
             report = hf2mcore(args.hf_dir, args.out_dir, dtype=args.dtype, verify=args.verify,
-                              overwrite=args.overwrite, progress=args.progress)
+                              overwrite=args.overwrite, progress=args.progress, adapter=args.adapter)
         else:
             report = mcore2hf(args.mcore_dir, args.out_dir, max_shard_size=args.max_shard_size, verify=args.verify,
-                              overwrite=args.overwrite, progress=args.progress)
+                              overwrite=args.overwrite, progress=args.progress, merge=args.merge,
+                              base_name_or_path=args.base_model_name_or_path)
     except (ConversionError, UnsupportedModelError, ConfigError, ValueError) as e:
         print(f"megaswift convert {args.direction}: error: {e}", file=sys.stderr)
         return 1

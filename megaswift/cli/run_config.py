@@ -22,12 +22,16 @@ def build_run_config(cls, args: argparse.Namespace):
     train/resume.py), its recorded config is the base that the YAML file and the flags override. Model
     settings that contradict the checkpoint's model are refused; logging.output_dir defaults inside the run's
     own folder."""
+    from megaswift.checkpointing.adapter import is_adapter_checkpoint, recorded_tuner
     from megaswift.train.metrics import default_output_dir
     from megaswift.train.resume import check_model_settings, checkpoint_to_load
     config = config_from_args(cls, args)
     start = checkpoint_to_load(config)
     check_model_settings(given_model_settings(args), start)
     if start.weights_only:  # the checkpoint's model (its HF config travels in megaswift.json), not a default preset
+        config.model.preset = config.model.hf_config = None
+    if start.weights_only and is_adapter_checkpoint(start.meta):  # an adapter brings its settings (flags still win)
+        config = config_from_args(cls, args, base={"tuner": recorded_tuner(start.meta)})
         config.model.preset = config.model.hf_config = None
     if start.resumed:
         recorded = dict(start.recorded_config())

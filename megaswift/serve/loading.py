@@ -42,7 +42,10 @@ def resolve_model_dir(model: str | Path, cache_dir: str | Path | None = None, pr
         if not (out / "config.json").is_file():
             from converters import mcore2hf
             print(f"exporting megaswift checkpoint {ckpt} to {out} (cached for later runs)", flush=True)
-            mcore2hf(ckpt, out, verify=False, progress=progress)  # writes to a temporary folder, renamed when done
+            from megaswift.checkpointing.adapter import is_adapter_checkpoint
+            from megaswift.checkpointing.layout import read_meta
+            # writes to a temporary folder, renamed when done; a LoRA/DoRA run's checkpoint is served merged
+            mcore2hf(ckpt, out, verify=False, progress=progress, merge=is_adapter_checkpoint(read_meta(ckpt)))
         return out
     if (path / "config.json").is_file():
         return path

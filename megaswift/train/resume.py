@@ -9,10 +9,21 @@ A resumed run's config is the recorded one under the YAML file and the flags (cl
 that decide which sample comes next cannot change in mid-run (the position would point into other data);
 everything else may, and the run says what changed. A checkpoint also defines the model: model flags that
 contradict it are refused, dropout fields may be changed.
+
+LoRA/DoRA runs (tuner.type lora|dora, checkpointing/adapter.py) add three rules. A full checkpoint is the
+frozen base: the run loads its weights only and the adapters start from their initialisation (with
+--checkpoint.load OUT, the adapter that `hf2mcore --adapter` imported beside the base, OUT/adapter/, is
+loaded instead; --checkpoint.load OUT/iter_0000000 takes the base alone). An adapter
+checkpoint brings its base (the recorded one, fingerprint checked) and resumes in full when it holds
+optimizer state. And the settings that define an adapter (rank, alpha, rslora, targets, modules_to_save,
+type) cannot change under it.
 """
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaswift.checkpointing.adapter import (adapter_beside, adapter_meta, base_record, is_adapter_checkpoint,
+                                             recorded_tuner, resolve_base, settings_differences)
 from megaswift.checkpointing.layout import read_latest, read_meta, resolve_checkpoint
 from megaswift.config import ConfigError, ModelConfig, config_to_dict
 from megaswift.models import resolve_hf_config
@@ -38,6 +49,7 @@ class StartPoint:
     resumed: bool = False  # full state from checkpoint.save (or from checkpoint.load without finetune)
     reason: str = ""
     meta: dict = field(default_factory=dict, compare=False, repr=False)
+    base: Path | None = None  # LoRA/DoRA: the frozen base checkpoint the adapters sit on
 
     @property
     def step(self) -> int:
@@ -65,6 +77,11 @@ def _has_checkpoint(save: str | None) -> bool:
 
 def checkpoint_to_load(config) -> StartPoint:
     """Applies the resume rule (module docstring) to a run's checkpoint settings."""
+    return _with_adapter_rules(_resume_rule(config), getattr(getattr(config, "tuner", None), "type", "full"),
+                               config.checkpoint.load)
+
+
+def _resume_rule(config) -> StartPoint:
     ck = config.checkpoint
     if _has_checkpoint(ck.save):
         folder = resolve_checkpoint(ck.save)
@@ -81,6 +98,68 @@ def checkpoint_to_load(config) -> StartPoint:
     why = "no checkpoint.load, and " + (f"checkpoint.save {ck.save} holds no checkpoint yet" if ck.save
                                         else "checkpoint.save is not set")
     return StartPoint(reason=why)
+
+
+def _with_adapter_rules(start: StartPoint, tuner_type: str, load: str | None) -> StartPoint:
+    """The LoRA rules of the module docstring applied to the start the resume rule chose. The adapter imported
+    beside a converted base is used when checkpoint.load names the converted folder (OUT/); naming its
+    OUT/iter_0000000 takes the base alone, for a new adapter."""
+    if start.folder is None:
+        return start
+    if is_adapter_checkpoint(start.meta):
+        # An imported adapter has no optimizer state: training starts on it at step 0.
+        weights_only = start.weights_only or "optimizer" not in start.meta.get("contents", [])
+        why = start.reason + ("; it is an adapter without optimizer state, so training starts on it at step 0"
+                              if weights_only and not start.weights_only else "")
+        return dataclasses.replace(start, weights_only=weights_only, resumed=not weights_only, reason=why,
+                                   base=resolve_base(start.folder, start.meta))
+    if tuner_type == "full":
+        return start
+    imported = adapter_beside(start.folder) if load and start.folder.parent == Path(load) else None
+    if imported is not None:
+        meta = read_meta(imported)
+        return StartPoint(imported, True, False, f"{start.reason}; tuner.type {tuner_type}: {start.folder} is the "
+                          f"frozen base and {imported} the adapter imported beside it (hf2mcore --adapter), trained "
+                          f"on from step 0", meta, resolve_base(imported, meta))
+    return StartPoint(start.folder, True, False, f"{start.reason}; tuner.type {tuner_type}: its weights are the "
+                      f"frozen base (a full checkpoint holds no adapter), the adapters start from their "
+                      f"initialisation", start.meta, start.folder)
+
+
+def check_adapter_start(start: StartPoint, config) -> None:
+    """A LoRA run needs a base to save against, an adapter checkpoint a LoRA run with its own settings."""
+    tuner = config_to_dict(config.tuner)
+    if is_adapter_checkpoint(start.meta):
+        differ = settings_differences(recorded_tuner(start.meta), tuner)
+        if differ:
+            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} in this run" for key, old, new in differ)
+            flags = " ".join(f"--{key} {_flag_value(old)}" for key, old, _ in differ)
+            raise ConfigError(
+                f"{start.folder} holds an adapter made with other settings ({listed}): the adapter's tensors and "
+                f"its function depend on them, so they cannot change under it. Continue it with {flags}, or train "
+                f"a new adapter on its base ({start.base}) with --checkpoint.load {start.base}")
+    elif tuner["type"] != "full" and start.base is None and config.checkpoint.save:
+        raise ConfigError(
+            f"tuner.type {tuner['type']} trains adapters on a frozen base, and its checkpoints hold only the "
+            f"adapters and name the base checkpoint they sit on; this run starts from random weights, which no "
+            f"checkpoint holds. Give the base with --checkpoint.load (e.g. a `megaswift convert hf2mcore` output)")
+
+
+def _flag_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
+        if isinstance(value, bool) else str(value)
+
+
+def adapter_checkpoint_meta(start: StartPoint, config) -> dict:
+    """What a LoRA run's save adds to megaswift.json (checkpointing/adapter.py); {} for a full run."""
+    tuner = config_to_dict(config.tuner)
+    if tuner["type"] == "full":
+        return {}
+    # The base as the loaded adapter recorded it, its path made absolute (an imported adapter's is relative
+    # to its own folder, not to this run's checkpoints).
+    base = {**start.meta["adapter"]["base"], "path": str(start.base.resolve())} \
+        if is_adapter_checkpoint(start.meta) else base_record(start.base)
+    return adapter_meta(tuner, base)
 
 
 def describe_start(start: StartPoint, train_iters: int) -> str:
