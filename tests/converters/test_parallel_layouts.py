@@ -13,11 +13,13 @@ from tests.converters.tiny_models import FAMILY_PRESETS, MOE_FAMILIES, hf_logits
 from tests.torchrun import REPO, run_torchrun
 
 LAYOUTS = {  # layout -> (families checked, families re-saved at that layout and converted back)
-    "tp2": (dict(tp=2), list(FAMILY_PRESETS), ["llama3-tied", "qwen2-moe"]),
-    "pp2": (dict(pp=2), list(FAMILY_PRESETS), ["llama3-tied", "qwen3"]),
+    # DeepSeek-V3: MLA's latent projections split by TP; GLM-4.5: its first (dense) layer on one stage only,
+    # per-layer keys (moe_layer_freq); both: the routers' expert bias, experts split by EP
+    "tp2": (dict(tp=2), list(FAMILY_PRESETS), ["llama3-tied", "qwen2-moe", "deepseek-v3"]),
+    "pp2": (dict(pp=2), list(FAMILY_PRESETS), ["llama3-tied", "qwen3", "glm4-moe"]),
     # interleaved: each rank holds two chunks of one layer each (tiny models have 4 layers)
     "pp2-vpp2": (dict(pp=2, vpp=2), ["llama3-tied", "qwen2", "mixtral"], ["llama3-tied"]),
-    "ep2": (dict(ep=2), list(MOE_FAMILIES), ["mixtral"]),
+    "ep2": (dict(ep=2), list(MOE_FAMILIES), ["mixtral", "deepseek-v3"]),
 }
 
 

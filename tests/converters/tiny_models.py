@@ -20,14 +20,17 @@ def hf_config_object(preset: str, overrides: dict | None = None):
 
 def save_tiny_hf_model(preset: str, folder: Path, dtype: torch.dtype, tokenizer_dir: Path | None, seed: int = 0,
                        overrides: dict | None = None):
-    """Every tensor random (norms around 1), so a swapped or dropped tensor changes the logits.
+    """Every tensor random (norms around 1), so a swapped or dropped tensor changes the logits; saved
+    float buffers too (the routers' `e_score_correction_bias`, zeros when initialised).
     `overrides`: HF config fields to change (e.g. fewer layers, another vocab size)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config_object(preset, overrides), dtype=torch.float32)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        saved = model.state_dict().keys()
+        tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in saved)]
+        for name, p in tensors:
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
     model.to(dtype).save_pretrained(folder)
     if tokenizer_dir is not None:

@@ -4,12 +4,12 @@ look a model's family up here by its HF `architectures` (see docs/model-families
 """
 import copy
 
-from megaswift.models.families import llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
+from megaswift.models.families import deepseek_v3, glm4_moe, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
 from megaswift.models.families.family import ModelFamily
 from megaswift.models.families.hf_view import HfConfigView
 
 REGISTERED: tuple[ModelFamily, ...] = tuple(m.FAMILY for m in (llama, mistral, qwen2, qwen3, mixtral, qwen2_moe,
-                                                                qwen3_moe))
+                                                                qwen3_moe, glm4_moe, deepseek_v3))
 
 
 def _by_architecture() -> dict[str, ModelFamily]:

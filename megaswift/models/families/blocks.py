@@ -66,3 +66,20 @@ FINAL = (
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), PADDED_VOCAB, when=untied),
 )
+
+
+# DeepSeek-V3 / GLM-4.5 MoE: the router's learned per-expert bias (fp32 on both sides: transformers keeps
+# `e_score_correction_bias` in fp32, megatron-core its `expert_bias` buffer), and ungated shared experts
+# fused into one MLP (`shared_experts`, plural, in HF).
+ROUTER_BIAS = (Rule(f"{L}.mlp.router.expert_bias", (f"{H}.mlp.gate.e_score_correction_bias",), cast=False),)
+
+SHARED_EXPERTS = (
+    Rule(f"{L}.mlp.shared_experts.linear_fc1.weight",
+         (f"{H}.mlp.shared_experts.gate_proj.weight", f"{H}.mlp.shared_experts.up_proj.weight"), FUSED_GATE_UP),
+    Rule(f"{L}.mlp.shared_experts.linear_fc2.weight", (f"{H}.mlp.shared_experts.down_proj.weight",)),
+)
+
+SIGMOID_MOE = moe(router="mlp.gate.weight",
+                  gate="mlp.experts.{expert}.gate_proj.weight",
+                  up="mlp.experts.{expert}.up_proj.weight",
+                  down="mlp.experts.{expert}.down_proj.weight") + ROUTER_BIAS + SHARED_EXPERTS

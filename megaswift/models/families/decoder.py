@@ -2,32 +2,61 @@
 fields, rope arguments, layer spec and preset base. A family that differs passes its own function
 for that part to its `ModelFamily` and keeps the rest.
 """
+import copy
+
 import torch.nn.functional as F
 
 from megaswift.config import ConfigError
-from megaswift.models.families.hf_view import HfConfigView
+from megaswift.models.families.hf_view import HfConfigView, MoeFacts
 
 SUPPORTED_ROPE_TYPES = ("llama3", "default")
 # megatron-core hard-codes llama3 scaling's other three constants; configs that differ are refused.
 LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+def moe_layer_freq(view: HfConfigView) -> int | list[int]:
+    """megatron-core's per-layer MoE pattern (1: experts, 0: dense MLP). An all-MoE model keeps the int 1,
+    so its checkpoints keep megatron's stacked-layer keys; a list switches megatron-core to per-layer keys."""
+    if not view.moe.dense_layers:
+        return 1
+    return [int(view.is_moe_layer(layer)) for layer in range(view.num_layers)]
+
+
+def sigmoid_router_fields(moe: MoeFacts) -> dict:
+    """DeepSeek-V3's router in megatron-core's terms; what megatron computes differently is refused."""
+    if not moe.norm_topk_prob and moe.experts_per_token > 1:
+        raise ConfigError("HF config: norm_topk_prob=false with sigmoid routing is not supported; megatron-core "
+                          "always renormalises the chosen sigmoid scores")
+    if moe.num_groups and moe.experts_per_token // moe.group_topk != 2:
+        # megatron scores a group by its best topk // group_topk experts, transformers by its best 2
+        raise ConfigError(f"HF config: num_experts_per_tok={moe.experts_per_token} with topk_group="
+                          f"{moe.group_topk} is not supported; megatron-core's group-limited routing equals "
+                          f"transformers' only when num_experts_per_tok == 2 * topk_group")
+    return {
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": moe.expert_bias,
+        "moe_router_num_groups": moe.num_groups,
+        "moe_router_group_topk": moe.group_topk,
+        "moe_router_topk_scaling_factor": moe.scaling_factor,
+    }
+
+
 def moe_fields(view: HfConfigView) -> dict:
     if view.moe is None:
         return {}
     moe = view.moe
-    if moe.dense_layers:
-        raise ConfigError("HF config: dense layers inside an MoE model (mlp_only_layers / decoder_sparse_step != 1)"
-                          " are not supported yet")
     fields = {
         "num_moe_experts": moe.num_experts,
         "moe_router_topk": moe.experts_per_token,
         "moe_ffn_hidden_size": moe.ffn_hidden_size,
-        "moe_router_pre_softmax": not moe.norm_topk_prob,
+        "moe_router_pre_softmax": not moe.norm_topk_prob and moe.score_function == "softmax",
         "moe_aux_loss_coeff": moe.aux_loss_coef,
         "moe_router_load_balancing_type": "aux_loss" if moe.aux_loss_coef else "none",
         "moe_router_dtype": "fp32",
+        "moe_layer_freq": moe_layer_freq(view),
     }
+    if moe.score_function == "sigmoid":
+        fields.update(sigmoid_router_fields(moe))
     if moe.shared_expert_ffn_hidden_size:
         fields["moe_shared_expert_intermediate_size"] = moe.shared_expert_ffn_hidden_size
         fields["moe_shared_expert_gate"] = moe.shared_expert_gate
@@ -35,10 +64,15 @@ def moe_fields(view: HfConfigView) -> dict:
 
 
 def transformer_fields(view: HfConfigView) -> dict:
-    if view.hidden_act != "silu":
-        raise ConfigError(f"HF config: hidden_act={view.hidden_act!r} is not supported; expected 'silu'")
     if view.rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"HF config: rope settings {view.rope!r} are not supported; supported rope_type: llama3")
+    return block_fields(view)
+
+
+def block_fields(view: HfConfigView) -> dict:
+    """Everything but the rope: sizes, SwiGLU, RMSNorm, biases, qk-norm, dropouts, MoE routing."""
+    if view.hidden_act != "silu":
+        raise ConfigError(f"HF config: hidden_act={view.hidden_act!r} is not supported; expected 'silu'")
     return {
         "num_layers": view.num_layers,
         "hidden_size": view.hidden_size,
@@ -69,6 +103,8 @@ def model_kwargs(view: HfConfigView) -> dict:
                 raise ConfigError(f"HF config: rope_scaling.{key}={rope[key]} is not supported; "
                                   f"megatron-core implements llama3 scaling with {key}={value}")
         kwargs.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
+    if view.rotary_percent != 1.0:
+        kwargs["rotary_percent"] = view.rotary_percent
     return kwargs
 
 
@@ -79,10 +115,41 @@ def layer_spec(config, transformer_engine: bool, vp_stage: int | None = None):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=bool(config.num_moe_experts),
-            qk_layernorm=config.qk_layernorm)
+            qk_layernorm=config.qk_layernorm, multi_latent_attention=config.multi_latent_attention)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     return get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
-                                    qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+                                    qk_layernorm=config.qk_layernorm, normalization=config.normalization,
+                                    multi_latent_attention=config.multi_latent_attention)
+
+
+def _with_mla(config, spec):
+    """Multi-latent attention on megatron-core's local spec needs its core attention sized for MLA (and no
+    q norm without a q bottleneck)."""
+    if not config.multi_latent_attention:
+        return spec
+    from megaswift.models.families.mla_attention import with_local_mla_attention
+    return with_local_mla_attention(spec, config.q_lora_rank)
+
+
+def block_spec(config, transformer_engine: bool, vp_stage: int | None = None):
+    """`layer_spec` where every layer is alike; where `moe_layer_freq` keeps some layers dense, the spec of
+    this model chunk's own layers (as megatron-core's get_gpt_decoder_block_spec slices them), each an
+    MoE or a dense layer from `layer_spec`, so both kinds get the same backend choices."""
+    pattern = config.moe_layer_freq
+    if not isinstance(pattern, list) or all(pattern):
+        return _with_mla(config, layer_spec(config, transformer_engine, vp_stage))
+    from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    moe = _with_mla(config, layer_spec(config, transformer_engine, vp_stage))
+    dense_config = copy.copy(config)  # the same model, asked for a layer without experts
+    dense_config.num_moe_experts = None
+    dense = _with_mla(config, layer_spec(dense_config, transformer_engine, vp_stage))
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    layers = range(first, first + get_num_layers_to_build(config, vp_stage=vp_stage))
+    # LayerNormImpl: the final norm megatron-core gives a block built from one layer spec
+    return TransformerBlockSubmodules(layer_specs=[moe if pattern[i] else dense for i in layers],
+                                      layer_norm=LayerNormImpl)
 
 
 # --- presets ----------------------------------------------------------------------------------------

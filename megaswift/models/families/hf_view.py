@@ -43,6 +43,25 @@ class MoeFacts:
     shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False       # Qwen2-MoE: the shared expert's output scaled by sigmoid(gate(x))
     dense_layers: tuple[int, ...] = ()     # layers with a dense MLP instead of experts
+    # DeepSeek-V3-style routing (GLM-4.5 too): sigmoid scores, top-k chosen on score + a learned per-expert
+    # bias (`e_score_correction_bias`, aux-loss-free balancing), optionally within the best `group_topk`
+    # of `num_groups` expert groups, the chosen scores renormalised and scaled by `scaling_factor`.
+    score_function: str = "softmax"
+    expert_bias: bool = False
+    num_groups: int | None = None
+    group_topk: int | None = None
+    scaling_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class MlaFacts:
+    """DeepSeek's multi-latent attention: q (optionally through a rank-`q_lora_rank` bottleneck) and a
+    shared rank-`kv_lora_rank` latent for k and v; each head's q/k = a no-rope part and a rope part."""
+    q_lora_rank: int | None        # None: q comes straight from the hidden states (DeepSeek-V2-Lite, Moonlight)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,11 @@ class HfConfigView:
     init_std: float
     sliding_window: int | None
     moe: MoeFacts | None = None
+    rotary_percent: float = 1.0   # share of each head's dims that rope rotates (GLM: partial_rotary_factor)
+    mla: MlaFacts | None = None
+    # Multi-token-prediction layers a checkpoint may carry after the decoder layers (DeepSeek-V3, GLM-4.5:
+    # `num_nextn_predict_layers`): transformers' model has none, and megaswift does not convert them.
+    mtp_layers: int = 0
 
     @property
     def num_experts(self) -> int:
@@ -74,6 +98,24 @@ class HfConfigView:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer not in self.moe.dense_layers
+
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        """The sizes tensor parallelism splits, by the HF key they come from: each must divide by TP."""
+        sizes = {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_kv_heads}
+        if self.mla:
+            # megatron-core's local MLA spec splits the down projections' outputs across TP too
+            if self.mla.q_lora_rank:
+                sizes["q_lora_rank"] = self.mla.q_lora_rank
+            sizes["kv_lora_rank + qk_rope_head_dim"] = self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return sizes
+
+
+def partial_rotary_factor(hf: dict) -> float:
+    """transformers 5 keeps it in `rope_parameters`; older configs (GLM-4.5 on the hub) at the top level."""
+    value = rope_parameters(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"HF config: partial_rotary_factor={value!r} must be in (0, 1]")
+    return float(value)
 
 
 def read_decoder(hf: dict, *, qkv_bias: bool = False, qk_norm: bool = False,
@@ -102,6 +144,7 @@ def read_decoder(hf: dict, *, qkv_bias: bool = False, qk_norm: bool = False,
         init_std=hf.get("initializer_range", 0.02),
         sliding_window=hf.get("sliding_window"),
         moe=moe,
+        rotary_percent=partial_rotary_factor(hf),
     )
 
 
@@ -126,3 +169,50 @@ def read_moe(hf: dict, *, norm_topk_prob_default: bool, gated_shared_expert: boo
         shared_expert_gate=gated_shared_expert and bool(hf.get("shared_expert_intermediate_size")),
         dense_layers=dense,
     )
+
+
+def _positive_int(hf: dict, key: str, default=None) -> int:
+    value = default if hf.get(key) is None else hf[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"HF config: {key}={value!r} must be a positive integer")
+    return value
+
+
+def read_sigmoid_moe(hf: dict) -> MoeFacts:
+    """DeepSeek-V3's MoE, which GLM-4.5 shares: `n_routed_experts` experts chosen by sigmoid scores plus
+    `e_score_correction_bias` within the best `topk_group` of `n_group` groups, renormalised when
+    `norm_topk_prob`, scaled by `routed_scaling_factor`; `n_shared_experts` always-on experts fused into
+    one MLP of `n_shared_experts * moe_intermediate_size`; the first `first_k_dense_replace` layers dense."""
+    layers = require(hf, "num_hidden_layers")
+    experts = _positive_int(hf, "n_routed_experts")
+    groups, group_topk = _positive_int(hf, "n_group", 1), _positive_int(hf, "topk_group", 1)
+    if experts % groups or group_topk > groups:
+        raise ConfigError(f"HF config: n_group={groups} must divide n_routed_experts={experts} and be >= "
+                          f"topk_group={group_topk}")
+    first_dense = hf.get("first_k_dense_replace", 0)
+    if not isinstance(first_dense, int) or not 0 <= first_dense <= layers:
+        raise ConfigError(f"HF config: first_k_dense_replace={first_dense!r} must be in [0, num_hidden_layers]")
+    shared = hf.get("n_shared_experts") or 0
+    scale = float(hf.get("routed_scaling_factor") or 1.0)
+    return MoeFacts(
+        num_experts=experts,
+        experts_per_token=_positive_int(hf, "num_experts_per_tok"),
+        ffn_hidden_size=_positive_int(hf, "moe_intermediate_size"),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+        shared_expert_ffn_hidden_size=shared * hf["moe_intermediate_size"],
+        dense_layers=tuple(range(first_dense)),
+        score_function="sigmoid",
+        expert_bias=True,
+        # one group is no grouping: transformers' group step then keeps every expert
+        num_groups=groups if groups > 1 else None,
+        group_topk=group_topk if groups > 1 else None,
+        scaling_factor=scale if scale != 1.0 else None,
+    )
+
+
+def mtp_layers(hf: dict) -> int:
+    value = hf.get("num_nextn_predict_layers") or 0
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError(f"HF config: num_nextn_predict_layers={value!r} must be a non-negative integer")
+    return value

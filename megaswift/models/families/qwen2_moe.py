@@ -26,12 +26,11 @@ def read(hf: dict):
 
 
 def layer_rules(view, layer: int):
-    # Layers in `mlp_only_layers` (or off `decoder_sparse_step`) have a dense MLP; their TransformerConfig
-    # is refused for now (decoder.moe_fields), the rules are ready.
+    # Layers in `mlp_only_layers` (or off `decoder_sparse_step`) have a dense MLP (moe_layer_freq).
     return ATTENTION + (MOE_MLP if view.is_moe_layer(layer) else DENSE_MLP)
 
 
 FAMILY = ModelFamily(
     name="qwen2-moe", architectures=("Qwen2MoeForCausalLM",), read=read,
-    transformer_fields=decoder.transformer_fields, model_kwargs=decoder.model_kwargs, layer_spec=decoder.layer_spec,
+    transformer_fields=decoder.transformer_fields, model_kwargs=decoder.model_kwargs, layer_spec=decoder.block_spec,
     layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-qwen2-moe")

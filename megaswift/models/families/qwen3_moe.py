@@ -29,11 +29,11 @@ def read(hf: dict):
 
 
 def layer_rules(view, layer: int):
-    # Dense layers (`mlp_only_layers`, `decoder_sparse_step`): refused in TransformerConfig for now.
+    # Layers in `mlp_only_layers` (or off `decoder_sparse_step`) have a dense MLP (moe_layer_freq).
     return ATTENTION + QK_NORM + (MOE_MLP if view.is_moe_layer(layer) else DENSE_MLP)
 
 
 FAMILY = ModelFamily(
     name="qwen3-moe", architectures=("Qwen3MoeForCausalLM",), read=read,
-    transformer_fields=decoder.transformer_fields, model_kwargs=decoder.model_kwargs, layer_spec=decoder.layer_spec,
+    transformer_fields=decoder.transformer_fields, model_kwargs=decoder.model_kwargs, layer_spec=decoder.block_spec,
     layer_rules=layer_rules, presets=PRESETS, tiny_preset="tiny-qwen3-moe")

@@ -23,6 +23,9 @@ class Rule:
     hf: tuple[str, ...]
     transform: Transform = IDENTITY
     when: Callable[[HfConfigView], bool] = always  # a predicate on the config, e.g. untied embeddings
+    # False: a conversion's dtype cast (hf2mcore --dtype) leaves this tensor in its stored dtype, as
+    # megatron-core keeps it (the routers' fp32 expert bias: rounding it to bf16 reorders close experts)
+    cast: bool = True
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class TensorMapping:
     mcore: str
     hf: tuple[str, ...]
     transform: Transform
+    cast: bool = True
 
 
 def dims_of(view: HfConfigView) -> Dims:
@@ -38,7 +42,8 @@ def dims_of(view: HfConfigView) -> Dims:
 
 
 def _fill(rule: Rule, **names) -> TensorMapping:
-    return TensorMapping(rule.mcore.format(**names), tuple(p.format(**names) for p in rule.hf), rule.transform)
+    return TensorMapping(rule.mcore.format(**names), tuple(p.format(**names) for p in rule.hf), rule.transform,
+                         rule.cast)
 
 
 def expand(view: HfConfigView, first: tuple[Rule, ...], layer_rules: Callable[[HfConfigView, int], tuple[Rule, ...]],
@@ -53,3 +58,18 @@ def expand(view: HfConfigView, first: tuple[Rule, ...], layer_rules: Callable[[H
                 mappings += [_fill(rule, layer=layer, expert=e) for e in experts]
     mappings += [_fill(r) for r in last if r.when(view)]
     return mappings
+
+
+def unconverted_hf_tensors(view: HfConfigView, keys) -> dict[str, str]:
+    """HF tensors a checkpoint may hold that megaswift knowingly does not convert, each with the reason:
+    the multi-token-prediction layers DeepSeek-V3 and GLM-4.5 store after the decoder layers
+    (`model.layers.{num_hidden_layers + i}.*`). transformers' model has none of them either; anything
+    else unexpected is still an error of the coverage check."""
+    prefixes = {f"model.layers.{view.num_layers + i}.": i for i in range(view.mtp_layers)}
+    skipped = {}
+    for key in keys:
+        for prefix, i in prefixes.items():
+            if key.startswith(prefix):
+                skipped[key] = (f"multi-token-prediction layer {i} (num_nextn_predict_layers={view.mtp_layers}); "
+                                f"megaswift trains and exports the model without it, as transformers runs it")
+    return skipped
