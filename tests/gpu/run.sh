@@ -6,6 +6,8 @@
 #   3. runs tests/gpu: sequence packing through TE's THD attention (megatron-core PackedSeqParams)
 #      against one sample per row, loss and gradients, and `megaswift sft` end to end (about 1.5
 #      minutes; skipped, and said so, where Transformer Engine does not import),
+#   3b. runs tests/models/test_torch_attention.py: the torch layer spec (SDPA; compiled FlexAttention with a
+#      document mask for packed rows, GPU only) against megatron-core's local spec,
 #   4. runs the GPU benchmark ([16384, 128256] bf16 vs torch and megatron-core) and writes
 #      benchmarks/results/loss_kernel_cuda.json, plus the logs of each step beside it,
 #   5. measures `megaswift pt` throughput (tokens/s, MFU in its log) on a Llama-3.2-1B shape at seq
@@ -54,6 +56,14 @@ thd_rc=${PIPESTATUS[0]}
 set -e
 echo "tests/gpu exit code $thd_rc after ${SECONDS}s"
 [ "$tests_rc" -ne 0 ] || tests_rc=$thd_rc
+
+echo "== torch layer spec (SDPA, compiled FlexAttention) vs the local spec"
+set +e
+timeout 240 "$PY" -m pytest tests/models/test_torch_attention.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_torch_attention.log"
+attn_rc=${PIPESTATUS[0]}
+set -e
+echo "torch attention tests exit code $attn_rc after ${SECONDS}s"
+[ "$tests_rc" -ne 0 ] || tests_rc=$attn_rc
 
 echo "== GPU benchmark"
 bench_args=(--device cuda)
