@@ -88,12 +88,32 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file with the same keys as the flags")
     defaults = cls()
     for section, section_cls in _sections(cls).items():
+        metadata = next(f for f in dataclasses.fields(cls) if f.name == section).metadata
+        if metadata.get("megatron_passthrough"):
+            _add_megatron_arguments(parser, section, metadata["help"])
+            continue
         group = parser.add_argument_group(section, (section_cls.__doc__ or "").strip().splitlines()[0])
         for name, tp in _sections(section_cls).items():
             field = next(f for f in dataclasses.fields(section_cls) if f.name == name)
             help_text = _help_with_default(field.metadata.get("help", ""), getattr(getattr(defaults, section), name))
             group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
                                help=help_text, **_argparse_kwargs(tp))
+
+
+def _add_megatron_arguments(parser: argparse.ArgumentParser, section: str, help_text: str) -> None:
+    """One `--SECTION.FIELD` flag per megatron-core config field (config/megatron_fields.py), kept out of
+    --help (there are hundreds) but known to the parser, so a typo gets the closest names. Values stay text
+    here; the run's checks parse them by the field's type and name the field in any error."""
+    from megaswift.config.megatron_fields import megatron_fields, settable, takes_several_values
+    group = parser.add_argument_group(section, f"{help_text}; values are parsed by the field's type, and a field "
+                                               f"megaswift sets from one of its own flags is refused, naming it")
+    for name, field in megatron_fields().items():
+        if not settable(field.annotation):
+            continue
+        nargs = {"nargs": "+"} if takes_several_values(field.annotation) else \
+            {"nargs": "?", "const": "true"} if field.annotation is bool else {}
+        group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS, metavar="VALUE", **nargs)
 
 
 def _words(text: str) -> set[str]:

@@ -379,6 +379,29 @@ def patch_cuda_tensor_type_names() -> None:
     _replace("cuda_tensor_type_names", torch.Tensor, "type", _type_with_cuda_names)
 
 
+# --------------------------------------------------------------------------- activation recompute
+
+def _under_device_mode(fn: Callable) -> Callable:
+    def run(*args, **kwargs):
+        with cpu_device_mode():
+            return fn(*args, **kwargs)
+    return run
+
+
+@_patch("recompute_device_mode")
+def patch_recompute_device_mode() -> None:
+    """`RuntimeError: Found no NVIDIA driver on your system` from `get_default_causal_mask`
+    (`device="cuda"`) when activation recompute re-runs a layer's forward during backward
+    (tensor_parallel.random `CheckpointFunction.backward`). The cuda->cpu function mode is not
+    active there: the mode handles `Tensor.backward` / `torch.autograd.backward` itself, and a mode
+    is popped while it handles a call, so the whole backward pass runs without it. Fix: the
+    recompute enters the mode again. (`CheckpointWithoutOutput`, megatron-core's other recompute,
+    needs Transformer Engine in 0.19 whatever its fp8 argument, so it never runs on a CPU.)"""
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+    _replace("recompute_device_mode", CheckpointFunction, "backward",
+             staticmethod(_under_device_mode(CheckpointFunction.__dict__["backward"].__func__)))
+
+
 # --------------------------------------------------------------------------- entry points
 
 def apply_cpu_patches() -> bool:

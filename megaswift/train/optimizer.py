@@ -1,4 +1,5 @@
 """megatron-core DDP wrapping, optimizer and learning-rate schedule for a run's settings."""
+import contextlib
 import math
 
 import torch
@@ -8,25 +9,65 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
 from megaswift.config import ParallelConfig, TrainConfig
+from megaswift.config.sections import PerformanceConfig
 
 
-def wrap_with_ddp(chunks: list, config: TransformerConfig, parallel: ParallelConfig) -> list:
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=parallel.distributed_optimizer,
-        check_for_nan_in_grad=False, average_in_collective=False)
+def ddp_config_for(parallel: ParallelConfig, perf: PerformanceConfig | None = None,
+                   megatron: dict | None = None) -> DistributedDataParallelConfig:
+    """megatron-core's DDP settings for a run: its overlap and bucket settings (`perf`), then the `megatron`
+    pass-through's DistributedDataParallelConfig fields (megatron-core objects: config/megatron_fields.py)."""
+    perf = perf or PerformanceConfig()
+    return DistributedDataParallelConfig(**{
+        "grad_reduce_in_fp32": True, "use_distributed_optimizer": parallel.distributed_optimizer,
+        "overlap_grad_reduce": perf.overlap_grad_reduce, "overlap_param_gather": perf.overlap_param_gather,
+        "bucket_size": perf.bucket_size, "check_for_nan_in_grad": False,  # train/nonfinite.py handles NaN
+        "average_in_collective": False,  # per-token loss: gradients are summed, the schedule divides by tokens
+        **(megatron or {})})
+
+
+def wrap_with_ddp(chunks: list, config: TransformerConfig, parallel: ParallelConfig,
+                  ddp_config: DistributedDataParallelConfig | None = None) -> list:
+    ddp_config = ddp_config or ddp_config_for(parallel)
     # Only the first chunk buckets its gradients; later virtual-pipeline chunks reduce as one buffer.
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=index > 0)
             for index, chunk in enumerate(chunks)]
 
 
-def build_optimizer(model: list, train: TrainConfig, parallel: ParallelConfig, params_dtype: torch.dtype):
-    config = OptimizerConfig(
+@contextlib.contextmanager
+def parameters_gathered(model: list):
+    """With perf.overlap_param_gather the distributed optimizer's step updates only each rank's own shard;
+    the other ranks' shards arrive in the next forward pass (DDP's forward pre-hooks). Code that reads the
+    parameters outside a forward pass (a checkpoint save) runs inside this: it gathers them now, and puts
+    the hooks back afterwards."""
+    overlapped = [chunk for chunk in model if chunk.ddp_config.overlap_param_gather]
+    for chunk in overlapped:
+        chunk.disable_forward_pre_hook()  # synchronous all-gather of every bucket
+    try:
+        yield
+    finally:
+        for chunk in overlapped:
+            chunk.enable_forward_pre_hook()
+
+
+def optimizer_config_for(train: TrainConfig, parallel: ParallelConfig, params_dtype: torch.dtype,
+                         perf: PerformanceConfig | None = None) -> OptimizerConfig:
+    perf = perf or PerformanceConfig()
+    offload = {}
+    if perf.optimizer_cpu_offload:  # megatron-core's HybridDeviceOptimizer runs only as a precision-aware optimizer
+        offload = {"optimizer_cpu_offload": True, "optimizer_offload_fraction": perf.optimizer_offload_fraction,
+                   "use_precision_aware_optimizer": True}
+    return OptimizerConfig(
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
         clip_grad=train.clip_grad, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-        params_dtype=params_dtype, use_distributed_optimizer=parallel.distributed_optimizer)
-    optimizer = get_megatron_optimizer(config, model)
+        params_dtype=params_dtype, use_distributed_optimizer=parallel.distributed_optimizer,
+        overlap_param_gather=perf.overlap_param_gather, **offload)
+
+
+def build_optimizer(model: list, train: TrainConfig, parallel: ParallelConfig, params_dtype: torch.dtype,
+                    perf: PerformanceConfig | None = None):
+    optimizer = get_megatron_optimizer(optimizer_config_for(train, parallel, params_dtype, perf), model)
     return FiniteUpdatesOptimizer(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 

@@ -131,6 +131,14 @@ def check_uneven_reduce_scatter() -> None:
     assert torch.equal(scattered, (torch.arange(16.0).reshape(8, 2) * 3)[start:start + sizes[rank]])
 
 
+def check_recompute() -> None:
+    """Full activation recompute re-runs each layer's forward inside the backward pass."""
+    config = gpt_config()
+    config.recompute_granularity, config.recompute_method, config.recompute_num_layers = "full", "uniform", 1
+    loss = forward_backward(build_gpt(config), batch())
+    assert loss > 0
+
+
 # patch name -> the operations that need it; None: operations that work with no patch of
 # their own (watched so that a torch/megatron upgrade that breaks them shows up here)
 SINGLE_PROCESS = {
@@ -140,6 +148,7 @@ SINGLE_PROCESS = {
     "sequence_parallel_torch_norm": [check_sequence_parallel_torch_norm],
     "cuda_streams": [check_cuda_streams],
     "cuda_tensor_type_names": [check_fp32_optimizer_clip_grads, check_bf16_optimizer_wrapper],
+    "recompute_device_mode": [check_recompute],
 }
 TWO_PROCESSES = {
     "cuda_synchronize": [check_cuda_synchronize],

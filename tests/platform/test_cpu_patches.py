@@ -26,6 +26,7 @@ EXPECTED_ERRORS = {
     "check_fp32_optimizer_clip_grads": ("AssertionError",),
     "check_bf16_optimizer_wrapper": ("Wrapped parameters must be one of torch.cuda.FloatTensor",),
     "check_uneven_all_gather": ("ProcessGroupGloo::allgather: invalid tensor size",),
+    "check_recompute": NO_DRIVER,
 }
 
 

@@ -114,7 +114,7 @@ def layer_spec(config, transformer_engine: bool, vp_stage: int | None = None):
     if transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=bool(config.num_moe_experts),
+            num_experts=config.num_moe_experts, moe_grouped_gemm=bool(config.moe_grouped_gemm),
             qk_layernorm=config.qk_layernorm, multi_latent_attention=config.multi_latent_attention)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     return get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
