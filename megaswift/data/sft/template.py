@@ -34,21 +34,21 @@ agent/multi-round data under several real chat templates):
             tokenizer.apply_chat_template, the text tokenized by tokenizer(..., return_offsets_mapping=True).
             The reference, and the path of a template the fast path is not proven for.
     fast    `encode_batch` (and `encode`), a batch of rows. Each conversation is prepared once the way
-            apply_chat_template prepares it, with transformers' own functions (None values dropped, plain
-            JSON data, reasoning aliases), and the text and the prefixes are rendered from it by the
-            compiled Jinja template apply_chat_template itself uses, with the same variables: no
-            re-preparation per prefix, and the last message's prefix is the text itself. Every prefix must
-            be a prefix of the text, else (or on any rendering error) the row takes the exact path, which
-            gives the real error or the right spans. All texts of a batch go through the Rust tokenizer in
-            one call (the call tokenizer(...) makes when no truncation or padding is set), and the masks,
-            weights and shifts are computed for the whole batch at once.
+            apply_chat_template prepares it, and the text and the prefixes are rendered from it by
+            chat_render.py: the same compiled template and variables as apply_chat_template, with sandbox
+            shortcuts that return what the sandbox returns (see there): no re-preparation per prefix, and
+            the last message's prefix is the text itself. Every prefix must be a prefix of the text, else
+            (or on any rendering error) the row takes the exact path, which gives the real error or the
+            right spans. All texts of a batch go through the Rust tokenizer in one call (the call
+            tokenizer(...) makes when no truncation or padding is set); the token weights, the end-of-turn
+            cut and the shift are computed for the whole batch at once, and the rows' lists are built from
+            slices of the tokenizer's id lists, run by run of trained tokens, not element by element.
 The fast path is chosen once per chat template (again if the template changes): probe conversations
 (system prompt, several rounds, tools, a tool call without text, tool results, text the agent loss
 scale weighs) are encoded both ways with this template's settings; any difference, a probe the fast
 path would hand to the exact path, or a transformers without the functions used keeps the exact path.
-Rendering each prefix is still needed (a template may render anything before a turn), but as a string
-from the prepared messages; what it costs next to the render + tokenize of the text is measured in
-benchmarks/sft_data.py.
+Rendering each prefix is still needed (a template may render anything before a turn); what the whole
+path costs next to a plain render + tokenize of the text is measured in benchmarks/sft_data.py.
 """
 
 from __future__ import annotations
@@ -58,14 +58,8 @@ from itertools import chain
 
 import numpy as np
 
+from megaswift.data.sft import chat_render
 from megaswift.data.sft.loss_scale import LossScaleConfig
-
-try:  # the pieces apply_chat_template renders with (transformers.utils.chat_template_utils)
-    from transformers.utils import chat_template_utils as _hf_chat
-    _HF_PIECES = all(hasattr(_hf_chat, name) for name in (
-        "_compile_jinja_template", "_normalize_chat_messages", "_plain_template_data", "_alias_reasoning_fields"))
-except ImportError:  # another transformers: every row takes the exact path
-    _hf_chat, _HF_PIECES = None, False
 
 IGNORE_INDEX = -100
 LOSS_ON = ("last_round", "all_assistant", "all")
@@ -107,6 +101,15 @@ def _token_max(char_weights: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.maximum(table[level, starts], table[level, last - (1 << level) + 1])
 
 
+def _token_any(char_weights: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """`_token_max` for weights that are all 0 or 1 (no loss-scale rules): the largest is 1 exactly where a
+    token covers a character of weight 1, which a running count of those characters answers in one pass."""
+    positive = np.concatenate(([0], np.cumsum(np.append(char_weights, np.float32(0)) > 0)))  # count in [0, i)
+    starts = offsets[:, 0]
+    stops = np.maximum(offsets[:, 1], starts + 1)
+    return (positive[stops] > positive[starts]).astype(np.float32)
+
+
 def _cut_contents(messages: list[dict], char_limit: int) -> list[dict]:
     """The messages with their contents cut after char_limit characters in all; every message keeps
     its place and role (so last_round still trains the same turns)."""
@@ -118,36 +121,23 @@ def _cut_contents(messages: list[dict], char_limit: int) -> list[dict]:
     return cut
 
 
-def _flatten_encodings(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids [tokens], offsets [tokens, 2], row bounds [rows + 1]) of Rust `tokenizers.Encoding`s, all rows
-    end to end: the values tokenizer(..., return_offsets_mapping=True) returns, read in one pass each."""
-    counts = [len(encoding.ids) for encoding in encodings]
-    total = sum(counts)
-    ids = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), dtype=np.int64, count=total)
+def _flatten_encodings(encodings) -> tuple[list[list[int]], np.ndarray, np.ndarray, np.ndarray]:
+    """(ids per row as lists, ids [tokens], offsets [tokens, 2], row bounds [rows + 1]) of Rust
+    `tokenizers.Encoding`s, all rows end to end: the values tokenizer(..., return_offsets_mapping=True)
+    returns, each read once. The id lists are kept: the rows' input_ids and labels are slices of them."""
+    id_lists = [encoding.ids for encoding in encodings]
+    bounds = np.cumsum([0, *map(len, id_lists)])
+    total = int(bounds[-1])
+    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=total)
     offsets = np.fromiter(chain.from_iterable(chain.from_iterable(encoding.offsets for encoding in encodings)),
                           dtype=np.int64, count=2 * total).reshape(-1, 2)
-    return ids, offsets, np.cumsum([0, *counts])
+    return id_lists, ids, offsets, bounds
 
 
-class _PrefixRenderer:
-    """One conversation, prepared once the way apply_chat_template prepares it (render_jinja_template:
-    None-valued keys dropped, plain JSON data, reasoning aliases), rendered at any prefix length with the
-    compiled template and the variables apply_chat_template passes. Every preparation step maps each
-    message on its own, so preparing the whole list and slicing it equals preparing each prefix."""
-
-    def __init__(self, tokenizer, messages: list[dict], tools: list[dict] | None):
-        tools = tools or None  # as SFTTemplate.render passes them
-        if tools is not None and not all(isinstance(tool, dict) for tool in tools):
-            raise TypeError("tools given as callables: rendered the exact way")
-        self.template = _hf_chat._compile_jinja_template(tokenizer.get_chat_template(None, tools))
-        self.tools = _hf_chat._plain_template_data(tools)
-        self.variables = _hf_chat._plain_template_data(tokenizer.special_tokens_map)
-        self.chat = _hf_chat._alias_reasoning_fields(
-            _hf_chat._plain_template_data(_hf_chat._normalize_chat_messages(messages)))
-
-    def render(self, length: int, add_generation_prompt: bool) -> str:
-        return self.template.render(messages=self.chat[:length], tools=self.tools, documents=None,
-                                    add_generation_prompt=add_generation_prompt, **self.variables)
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) of every run of True in a 1-D boolean array."""
+    edges = np.diff(mask.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
 def _rust_encode_batch_is_the_call(tokenizer) -> bool:
@@ -257,10 +247,10 @@ class SFTTemplate:
         return self._shift_and_fit(ids, token_w)
 
     def _weigh_batch(self, texts: list[str], spans: list[list[tuple[int, int]]], encodings) -> list[EncodedSample]:
-        """`_weigh` of each row, with the per-character work done once for the whole batch: the rows' texts
-        lie end to end, each followed by one character of weight 0 (the padding _token_max reads for a
-        token that starts at its text's end), so every token's characters stay inside its own row."""
-        ids, offsets, bounds = _flatten_encodings(encodings)
+        """`_weigh` of each row, with the per-character and per-token work done once for the whole batch: the
+        rows' texts lie end to end, each followed by one character of weight 0 (the padding _token_max reads
+        for a token that starts at its text's end), so every token's characters stay inside its own row."""
+        id_lists, ids, offsets, bounds = _flatten_encodings(encodings)
         text_start = np.cumsum([0, *(len(text) + 1 for text in texts)])
         char_w = np.full(int(text_start[-1]), 1.0 if self.loss_on == "all" else 0.0, dtype=np.float32)
         char_w[text_start[1:] - 1] = 0.0
@@ -268,13 +258,34 @@ class SFTTemplate:
             for start, end in row_spans:  # without rules every character weighs 1.0 (as char_weights gives)
                 char_w[base + start:base + end] = \
                     self.loss_scale.char_weights(text[start:end]) if self.loss_scale.rules else 1.0
-        shift = np.repeat(text_start[:-1], np.diff(bounds))[:, None]
-        token_w = _token_max(char_w, offsets + shift)
-        rows = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        batch_offsets = offsets + np.repeat(text_start[:-1], np.diff(bounds))[:, None]
+        token_w = (_token_max if self.loss_scale.rules else _token_any)(char_w, batch_offsets)
         if self.loss_on != "all":
-            for (lo, hi), row_spans in zip(rows, spans):
+            self._stop_after_end_of_turn_batch(token_w, ids, offsets, batch_offsets[:, 0], bounds, text_start, spans)
+        return self._shift_and_fit_batch(id_lists, token_w, bounds)
+
+    def _stop_after_end_of_turn_batch(self, token_w, ids, offsets, batch_starts, bounds, text_start, spans) -> None:
+        """`_stop_after_end_of_turn` of every row at once. Each row's token range of a turn is found by
+        searchsorted over its token starts; when the starts of the whole batch are sorted, the same search
+        over the batch gives the same ranges (rows lie apart by their padding character); else row by row."""
+        if batch_starts.size > 1 and not np.all(batch_starts[1:] >= batch_starts[:-1]):
+            for row, row_spans in enumerate(spans):
+                lo, hi = int(bounds[row]), int(bounds[row + 1])
                 self._stop_after_end_of_turn(token_w[lo:hi], ids[lo:hi], offsets[lo:hi], row_spans)
-        return self._shift_and_fit_batch(ids, token_w, rows)
+            return
+        span_bounds = np.array([(base + start, base + end) for base, row_spans in zip(text_start.tolist(), spans)
+                                for start, end in row_spans], dtype=np.int64).reshape(-1, 2)
+        first, stop = np.searchsorted(batch_starts, span_bounds[:, 0]), np.searchsorted(batch_starts, span_bounds[:, 1])
+        by_id = ids.size == 0 or int(ids.max()) < self._is_special.size  # else np.isin (same answer)
+        special = np.flatnonzero(self._is_special[ids] if by_id else np.isin(ids, self.special_ids))
+        last = np.searchsorted(special, stop) - 1  # the last special token before each turn's end
+        has_special = last >= 0
+        has_special[has_special] = special[last[has_special]] >= first[has_special]
+        # zero [last special + 1, stop) of each turn: +1 / -1 marks, a running sum > 0 inside a range
+        marks = np.zeros(token_w.size + 1, dtype=np.int64)
+        np.add.at(marks, special[last[has_special]] + 1, 1)
+        np.add.at(marks, stop[has_special], -1)
+        token_w[np.cumsum(marks[:-1]) > 0] = 0.0
 
     def _stop_after_end_of_turn(self, token_w, ids, offsets, spans) -> None:
         """Zero the tokens of a turn after its last special token (the end-of-turn marker)."""
@@ -299,25 +310,41 @@ class SFTTemplate:
         labels = np.where(weights > 0, ids[1:], IGNORE_INDEX)
         return EncodedSample(ids[:-1].tolist(), labels.tolist(), weights.tolist(), truncated=truncated)
 
-    def _shift_and_fit_batch(self, ids: np.ndarray, token_w: np.ndarray, rows: list[tuple[int, int]]):
-        """`_shift_and_fit` of each row [lo, hi) of the batch arrays, converting to lists once per batch."""
+    def _shift_and_fit_batch(self, id_lists: list[list[int]], token_w: np.ndarray, bounds: np.ndarray):
+        """`_shift_and_fit` of each row [lo, hi) of the batch arrays. input_ids are slices of the id lists; labels
+        and (when every trained token weighs 1.0) weights are filled run by run of trained tokens, since building
+        Python lists from numpy arrays element by element is what per-row work costs most."""
         trained = token_w > 0
-        trained_before = np.concatenate(([0], np.cumsum(trained)))  # trained tokens in [0, i)
-        ids_list, weights = ids.tolist(), token_w.tolist()
-        labels = np.where(trained, ids, IGNORE_INDEX).tolist()
+        run_starts, run_stops = _runs(trained)
+        unit_weights = bool(np.all(token_w[trained] == 1.0))
+        lo_all = bounds[:-1]
+        end_all = bounds[1:].copy()
+        over = np.zeros(lo_all.size, dtype=bool)
+        if self.max_length is not None:
+            over = end_all - lo_all - 1 > self.max_length
+            end_all[over] = lo_all[over] + self.max_length + 1
+        first_run = np.searchsorted(run_stops, lo_all + 1, side="right")  # first run ending after the first target
+        stop_run = np.searchsorted(run_starts, end_all)  # runs starting before the end
+        run_starts, run_stops = run_starts.tolist(), run_stops.tolist()
         results = []
-        for lo, hi in rows:
-            end, truncated = hi, False
-            if self.max_length is not None and hi - lo - 1 > self.max_length:
-                if self.over_length == "drop":
-                    results.append(EncodedSample(drop_reason="too_long"))
-                    continue
-                end, truncated = lo + self.max_length + 1, True
-            if trained_before[end] == trained_before[lo + 1]:
+        for row, (lo, end, truncated, k0, k1) in enumerate(zip(lo_all.tolist(), end_all.tolist(), over.tolist(),
+                                                              first_run.tolist(), stop_run.tolist())):
+            if truncated and self.over_length == "drop":
+                results.append(EncodedSample(drop_reason="too_long"))
+                continue
+            length = end - lo - 1  # inputs (and targets) of the row
+            if length <= 0 or k0 >= k1:
                 results.append(EncodedSample(drop_reason="no_trained_tokens"))
                 continue
-            results.append(EncodedSample(ids_list[lo:end - 1], labels[lo + 1:end], weights[lo + 1:end],
-                                         truncated=truncated))
+            row_ids = id_lists[row]
+            labels = [IGNORE_INDEX] * length
+            weights = [0.0] * length if unit_weights else token_w[lo + 1:end].tolist()
+            for run in range(k0, k1):  # target j of the row is token lo + 1 + j
+                start, stop = max(run_starts[run], lo + 1) - lo - 1, min(run_stops[run], end) - lo - 1
+                labels[start:stop] = row_ids[start + 1:stop + 1]
+                if unit_weights:
+                    weights[start:stop] = [1.0] * (stop - start)
+            results.append(EncodedSample(row_ids[:length], labels, weights, truncated=truncated))
         return results
 
     # ---- the exact path: the reference -----------------------------------------------------------------
@@ -359,12 +386,12 @@ class SFTTemplate:
         """Encode rows together (the fast path when this template has it, else one by one the exact way).
         A row that cannot be encoded gets, in its place, the exception `encode_exact` raises for it (a
         TemplateError, or the template's own error); the caller raises it or counts the row as bad."""
-        fast = self.fast_path()
+        renderer = chat_render.ChatRenderer(self.tokenizer) if self.fast_path() else None
         results: list = [None] * len(samples)
         rendered = []  # (row, text, spans) waiting for the batch tokenization
         for row, sample in enumerate(samples):
             try:
-                prepared = self._render_fast(sample) if fast else None
+                prepared = self._render_fast(sample, renderer) if renderer is not None else None
                 if prepared is None:
                     results[row] = self.encode_exact(sample)
                 elif isinstance(prepared, EncodedSample):
@@ -379,7 +406,7 @@ class SFTTemplate:
                 results[row] = encoded
         return results
 
-    def _render_fast(self, sample: dict):
+    def _render_fast(self, sample: dict, renderer: chat_render.ChatRenderer):
         """A dropped EncodedSample, (text, spans), or None where the exact path must decide (a prefix that is
         not a prefix of the text, a prefix the fast renderer cannot render, an assistant message first)."""
         messages, tools, dropped = self._fit_contents(sample)
@@ -389,7 +416,7 @@ class SFTTemplate:
         try:
             if not messages:  # apply_chat_template refuses an empty conversation; the exact path says how
                 return None
-            prefixes = _PrefixRenderer(self.tokenizer, messages, tools)
+            prefixes = renderer.prepare(messages, tools)
             text = prefixes.render(len(messages), add_generation_prompt=False)
             for index in self.trained_turns(messages) if self._needs_spans() else ():
                 if index == 0:  # apply_chat_template refuses the empty prefix; the exact path says how
@@ -416,17 +443,17 @@ class SFTTemplate:
         encoding the probe conversations both ways (see the module docstring)."""
         key = repr(self.tokenizer.chat_template)
         if key not in self._fast_by_template:
-            self._fast_by_template[key] = _HF_PIECES and self._fast_path_matches_exact()
+            self._fast_by_template[key] = chat_render.AVAILABLE and self._fast_path_matches_exact()
         return self._fast_by_template[key]
 
     def _fast_path_matches_exact(self) -> bool:
-        compared = 0
+        compared, renderer = 0, chat_render.ChatRenderer(self.tokenizer)
         for sample in _probe_samples():
             try:
                 expected = self.encode_exact(sample)
             except Exception:  # noqa: BLE001 - the template refuses this shape (e.g. tools): nothing to compare
                 continue
-            prepared = self._render_fast(sample)
+            prepared = self._render_fast(sample, renderer)
             if prepared is None:
                 return False
             if not isinstance(prepared, EncodedSample):

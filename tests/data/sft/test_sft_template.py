@@ -118,3 +118,18 @@ def test_token_weight_is_the_max_over_the_characters_each_token_covers():
     expected = [char_w[s:e].max() if e > s else char_w[s] for s, e in offsets]
     np.testing.assert_array_equal(_token_max(char_w, offsets), np.array(expected, dtype=np.float32))
     assert _token_max(char_w, np.zeros((0, 2), dtype=np.int64)).shape == (0,)
+
+
+def test_token_any_equals_token_max_for_weights_of_zero_and_one():
+    from megaswift.data.sft.template import _token_any, _token_max
+
+    rng = np.random.default_rng(1)
+    text_length = 300
+    char_w = (rng.random(text_length) < 0.3).astype(np.float32)
+    starts = np.sort(rng.integers(0, text_length + 1, size=200))  # text_length: a token at the very end
+    ends = np.minimum(starts + rng.integers(0, 8, size=200), text_length)
+    offsets = np.stack([starts, ends], axis=1)
+    expected = [char_w[s:e].max() if e > s else (char_w[s] if s < text_length else 0.0) for s, e in offsets]
+    np.testing.assert_array_equal(_token_any(char_w, offsets), np.array(expected, dtype=np.float32))
+    np.testing.assert_array_equal(_token_any(char_w, offsets), _token_max(char_w, offsets))
+    assert _token_any(char_w, np.zeros((0, 2), dtype=np.int64)).shape == (0,)

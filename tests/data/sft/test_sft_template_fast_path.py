@@ -12,6 +12,7 @@ import importlib.util
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -193,3 +194,127 @@ def test_the_path_is_chosen_again_when_the_template_changes(tokenizer_dir):
     assert template.fast_path()
     tokenizer.chat_template = INCONSISTENT
     assert not template.fast_path()
+
+
+# Exercises every sandbox shortcut of chat_render and the cases it must hand back to the sandbox: dict
+# items, dict methods, missing keys, underscore names, loop attributes (plain data and methods), namespace
+# attributes (plain data, a sandbox-wrapped str.format, a missing and an underscore name).
+SANDBOX_PROBE = (
+    "{% set ns = namespace(n=0, fmt='{}!'.format) %}"
+    "{% for message in messages %}"
+    "{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop._length }}{{ loop.cycle('a', 'b') }}"
+    "{{ loop.previtem.role if loop.previtem else '-' }}{{ loop.nextitem.role if loop.nextitem else '-' }}"
+    "[{{ message.role }}|{{ message.get('role') }}|{{ message.missing is defined }}|{{ message.missing }}"
+    "|{{ message.items() | list | length }}|{{ message.__class__ }}|{{ message._x }}|{{ message['role'] }}]"
+    "{% set ns.n = ns.n + 1 %}{{ ns.n }}{{ ns.fmt(ns.n) }}{{ ns.absent is defined }}{{ ns._hidden }}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES) + ["sandbox_probe"])
+def test_prefix_renders_equal_apply_chat_template(name, tiny_tokenizer_dir):
+    from megaswift.data.sft.chat_render import ChatRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_TOKENS}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = SANDBOX_PROBE if name == "sandbox_probe" else (TEMPLATES[name] or tokenizer.chat_template)
+    renderer, compared = ChatRenderer(tokenizer), 0
+    for sample in SAMPLES[:16]:
+        messages, tools = sample["messages"], sample["tools"]
+        prepared = renderer.prepare(messages, tools)
+        for length in range(1, len(messages) + 1):
+            for generation_prompt in (False, True):
+                try:
+                    expected = tokenizer.apply_chat_template(messages[:length], tools=tools, tokenize=False,
+                                                             add_generation_prompt=generation_prompt)
+                except Exception:  # noqa: BLE001 - a refused shape (Llama: two tool calls); the fast path falls back
+                    continue
+                assert prepared.render(length, generation_prompt) == expected, (name, length, generation_prompt)
+                compared += 1
+    assert compared > 50
+    # the shortcuts were in place: the renders above went through them
+    environment = prepared.template.environment
+    assert type(environment).__name__ == "_ShortcutSandbox"
+    assert {"LoopContext", "Namespace"} <= {kind.__name__ for kind in environment.plain_attribute_types}
+
+
+def test_batched_end_of_turn_cut_equals_the_row_by_row_cut(tokenizer):
+    """The batch search gives the per-row result when the token starts are sorted, and falls back to the
+    per-row loop when they are not (a tokenizer whose offsets go backwards)."""
+    template = SFTTemplate(tokenizer, "all_assistant")
+    rng = np.random.default_rng(3)
+    special = int(template.special_ids[0])
+    for unsorted in (False, True):
+        lengths = rng.integers(5, 40, size=6)
+        text_lengths = [int(n) * 2 + 3 for n in lengths]
+        text_start = np.cumsum([0, *(n + 1 for n in text_lengths)])
+        bounds = np.cumsum([0, *lengths])
+        ids = np.where(rng.random(bounds[-1]) < 0.15, special, 7).astype(np.int64)
+        offsets, spans = [], []
+        for n, text_length in zip(lengths, text_lengths):
+            starts = np.sort(rng.integers(0, text_length, size=n))
+            if unsorted:
+                starts = rng.permutation(starts)
+            offsets.append(np.stack([starts, np.minimum(starts + 2, text_length)], axis=1))
+            cut = np.sort(rng.choice(np.arange(1, text_length), size=4, replace=False)).tolist()
+            spans.append([(cut[0], cut[1]), (cut[2], cut[3])])
+        offsets = np.concatenate(offsets)
+        token_w = rng.random(bounds[-1]).astype(np.float32)
+        expected = token_w.copy()
+        for row, row_spans in enumerate(spans):
+            lo, hi = bounds[row], bounds[row + 1]
+            template._stop_after_end_of_turn(expected[lo:hi], ids[lo:hi], offsets[lo:hi], row_spans)
+        batch_starts = offsets[:, 0] + np.repeat(text_start[:-1], lengths)
+        template._stop_after_end_of_turn_batch(token_w, ids, offsets, batch_starts, bounds, text_start, spans)
+        np.testing.assert_array_equal(token_w, expected)
+        assert np.any(token_w == 0)
+
+
+def test_sandbox_shortcuts_return_what_the_sandbox_returns(tokenizer):
+    """Attribute reads the templates above cannot reach: a raw str.format method held by a namespace (the
+    sandbox wraps it), an underscore name that holds plain data."""
+    from jinja2.runtime import LoopContext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from megaswift.data.sft.chat_render import _compile
+
+    environment = _compile(tokenizer.chat_template).environment
+    namespace = environment.globals["namespace"](text="a", fmt="{}!".format)
+    object.__getattribute__(namespace, "_Namespace__attrs")["_secret"] = "s"  # set past the name check
+    loop = LoopContext(iter([{"role": "user"}, {"role": "assistant"}]), environment.undefined)
+    next(loop)
+    for obj, attribute in [(namespace, "text"), (namespace, "fmt"), (namespace, "_secret"), (namespace, "gone"),
+                           (loop, "first"), (loop, "nextitem"), (loop, "_after"), (loop, "cycle"),
+                           ({"role": "user", "items": 1}, "role"), ({"role": "user", "items": 1}, "items"),
+                           ({"role": "user"}, "missing"), ({"role": "user"}, "__class__")]:
+        got = environment.getattr(obj, attribute)
+        expected = ImmutableSandboxedEnvironment.getattr(environment, obj, attribute)
+        assert type(got) is type(expected), (attribute, got, expected)
+        if attribute == "fmt":  # the sandbox's wrapper around str.format, not the raw method
+            assert got(1) == expected(1) == "1!" and not hasattr(got, "__self__")
+        elif not callable(got):
+            assert str(got) == str(expected) and bool(got) == bool(expected), (attribute, got, expected)
+
+
+@pytest.mark.parametrize("over_length", ["drop", "truncate"])
+def test_batched_shift_and_fit_equals_the_row_by_row_one(tokenizer, over_length):
+    """Random rows (weights 0/1 or any, rows trained only at their first token, empty rows) through the batch
+    list building and through `_shift_and_fit`, the exact path's."""
+    rng = np.random.default_rng(5)
+    for case in range(12):
+        template = SFTTemplate(tokenizer, "all_assistant", max_length=int(rng.integers(3, 30)), over_length=over_length)
+        lengths = rng.integers(0, 40, size=8)
+        bounds = np.cumsum([0, *lengths])
+        ids = rng.integers(0, 50, size=bounds[-1]).astype(np.int64)
+        weights = (rng.random(bounds[-1]) < 0.5).astype(np.float32)
+        if case % 2:
+            weights *= rng.choice([0.5, 1.0, 3.0], size=bounds[-1]).astype(np.float32)
+        if case % 3 == 0:  # rows whose only trained token is the first (never a target)
+            weights[bounds[:-1][lengths > 0]] = 1.0
+            weights[(bounds[:-1] + 1)[lengths > 1]] = 0.0
+        id_lists = [ids[lo:hi].tolist() for lo, hi in zip(bounds[:-1], bounds[1:])]
+        got = template._shift_and_fit_batch(id_lists, weights, bounds)
+        expected = [template._shift_and_fit(ids[lo:hi], weights[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        assert got == expected, case
