@@ -4,17 +4,23 @@
     OUT/iter_0000000/            torch_dist checkpoint ("model" = GPTModel.sharded_state_dict() keys)
     OUT/iter_0000000/megaswift.json, hf_assets/   HF config, tokenizer and generation config
     OUT/verification.json        coverage + logit check results (with --verify)
+    OUT/adapter/                 with `adapter`: the PEFT adapter as a megaswift adapter checkpoint on
+                                 OUT/iter_0000000 (adapter_convert.py), for `--tuner.type lora` to continue
 """
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from converters.adapter_convert import (HF_SOURCE_KEY, describe_import, prepare_adapter_import,
+                                        write_adapter_checkpoint)
 from converters.coverage import check_consumed_once, check_hf_keys, check_mapping_matches_layout, expected_hf_shapes
 from converters.errors import ConversionError
+from converters.fp8 import fp8_dequantization
 from converters.hf_reader import HfCheckpointReader, tensor_dtype
 from converters.mcore_layout import McoreTensor, mcore_layout
 from converters.mcore_writer import write_mcore_checkpoint
@@ -22,7 +28,7 @@ from converters.output_dir import atomic_output_dir, check_output_dir
 from megaswift.checkpointing.integrity import FILES_KEY, record_files
 from megaswift.checkpointing.layout import copy_hf_assets, iteration_dir, write_latest, write_meta
 from megaswift.models.families import family_of
-from megaswift.models.families.rules import dims_of
+from megaswift.models.families.rules import dims_of, unconverted_hf_tensors
 from megaswift.models.families.transforms import empty_placed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,26 +83,43 @@ def redundant_tied_head(tied: bool, reader: HfCheckpointReader, where: str) -> s
     return {TIED_HEAD}
 
 
+def _report_skipped(skipped: dict[str, str], hf_dir: Path) -> None:
+    """Tensors the family knowingly leaves out (e.g. multi-token-prediction layers) are named, never dropped
+    silently: one line per reason, on stderr, and the list in verification.json."""
+    by_reason = {}
+    for key, reason in sorted(skipped.items()):
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        print(f"megaswift convert: {hf_dir}: not converting {len(keys)} tensors ({keys[0]} ... {keys[-1]}): {reason}",
+              file=sys.stderr)
+
+
 def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, verify: bool | None = None,
-             overwrite: bool = False, progress: bool = True) -> dict:
-    """Returns the verification report ({} with verify=False). verify=None: verify when it fits in memory."""
+             overwrite: bool = False, progress: bool = True, adapter: str | Path | None = None) -> dict:
+    """Returns the verification report ({} with verify=False). verify=None: verify when it fits in memory.
+    `adapter`: a PEFT LoRA/DoRA folder for this base, imported beside it (OUT/adapter/)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any work
-    hf = read_hf_config(hf_dir)
+    # FP8 weights are dequantized while read; the recorded config no longer claims them.
+    hf, fp8 = fp8_dequantization(read_hf_config(hf_dir), hf_dir / "config.json", DTYPES.get(dtype))
     family = family_of(hf, where=str(hf_dir / "config.json"))
+    # The adapter is read and checked against this base before anything is written.
+    imported = prepare_adapter_import(adapter, hf, str(hf_dir)) if adapter is not None else None
     view = family.read(hf)
     mappings = family.tensor_mappings(view)
-    reader = HfCheckpointReader(hf_dir)
+    reader = HfCheckpointReader(hf_dir, fp8)
     layout = mcore_layout(hf)
     dims = dims_of(view)
     check_mapping_matches_layout(mappings, layout, where=view.architecture)
     redundant = redundant_tied_head(view.tied_embeddings, reader, where=str(hf_dir))
-    check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys() if k not in redundant},
+    skipped = unconverted_hf_tensors(view, reader.keys())
+    _report_skipped(skipped, hf_dir)
+    check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys() if k not in redundant | set(skipped)},
                   where=str(hf_dir))
     _check_shapes(mappings, layout, reader, dims, hf_dir / "config.json")
     _check_fused_dtypes(mappings, reader, hf_dir)
     by_name = {m.mcore: m for m in mappings}
-    dtypes = {m.mcore: DTYPES[dtype] if dtype else tensor_dtype(reader, m.hf[0]) for m in mappings}
+    dtypes = {m.mcore: DTYPES[dtype] if dtype and m.cast else tensor_dtype(reader, m.hf[0]) for m in mappings}
     bar = tqdm(total=len(mappings), desc="hf2mcore", unit="tensor", disable=not progress)
 
     def produce(target: McoreTensor) -> torch.Tensor:
@@ -117,15 +140,21 @@ def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, 
         check_consumed_once(reader.reads, {k for m in mappings for k in m.hf} | redundant, where=str(hf_dir))
         reader.close()
         write_meta(ckpt, {"iteration": 0, "hf_config": hf, "contents": ["model"], FILES_KEY: record_files(ckpt),
+                          HF_SOURCE_KEY: str(hf_dir.resolve()),  # what an exported adapter names as its base
                           "config": {"model": {"hf_config": None, "preset": None, "overrides": {}}}})
         copy_hf_assets(hf_dir, ckpt / "hf_assets")
+        if imported is not None:
+            tuner, tensors, adapter_tensors_layout, peft_config = imported
+            adapter_ckpt = write_adapter_checkpoint(tmp, hf, tuner, tensors, adapter_tensors_layout, ckpt, peft_config)
+            copy_hf_assets(hf_dir, adapter_ckpt / "hf_assets")
         report = {}
         if verify is not False:
             from converters.verify import verify_conversion
             report = verify_conversion(hf, hf_dir=hf_dir, mcore_dir=ckpt, hf_dtype=DTYPES.get(dtype), tmp=tmp,
                                        final=out_dir, direction="hf2mcore", forced=verify is True,
-                                       coverage={"hf_tensors": len(reader.reads), "mcore_tensors": len(layout.tensors)},
+                                       coverage={"hf_tensors": len(reader.reads), "mcore_tensors": len(layout.tensors),
+                                                 "skipped_hf_tensors": sorted(skipped)},
                                        parameter_count=sum(torch.Size(t.shape).numel()
                                                            for t in layout.tensors.values()))
         write_latest(tmp, 0)
-    return report
+    return {**report, **(describe_import(imported[0], imported[1]) if imported is not None else {})}

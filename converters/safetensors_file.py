@@ -12,7 +12,12 @@ from converters.errors import ConversionError
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "BOOL": torch.bool,
+          # Low-precision formats are read so converters/fp8.py can dequantize e4m3 and name the others.
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+          "F8_E5M2FNUZ": torch.float8_e5m2fnuz}
+if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
 
 class SafetensorsFile:
@@ -37,7 +42,8 @@ class SafetensorsFile:
         for key, entry in header.items():
             start, end = entry["data_offsets"]
             if entry["dtype"] not in DTYPES:
-                raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+                raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}; supported: "
+                                      f"F32, BF16, F16, and F8_E4M3 with block-wise `_scale_inv` scales")
             expected = torch.Size(entry["shape"]).numel() * DTYPES[entry["dtype"]].itemsize
             if end - start != expected:
                 raise ConversionError(f"{path}: tensor {key!r}: header gives {end - start} bytes for shape "

@@ -51,7 +51,12 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype | None = No
     """`dtype`: the dtype the weights were converted to (rounded the same way), then run in fp32."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype or "auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype or "auto")
+    except Exception as e:  # e.g. its CPU FP8 loader refuses edge blocks that do not divide a matrix
+        raise VerificationError(f"{hf_dir}: transformers cannot load the model to verify against "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                f"convert with --no-verify to skip the logit check") from e
     model = model.float().eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
