@@ -104,21 +104,28 @@ def validate_layout(hf: dict, parallel: ParallelConfig, train: TrainConfig, data
     return dp
 
 
-def packed_attention(packing: bool, transformer_engine: bool, precision: str, parallel: ParallelConfig) -> str | None:
+def packed_attention(packing: bool, layer_spec: str, precision: str, parallel: ParallelConfig, *,
+                     on_gpu: bool) -> str | None:
     """How packed rows keep attention inside each sample, or None without packing:
-    "mask" for megatron-core's local attention (a block-diagonal causal mask), "thd" for Transformer
-    Engine (megatron-core PackedSeqParams, qkv_format="thd"). `precision` is the resolved one:
-    bf16, fp16 or fp32."""
+    "thd" (megatron-core PackedSeqParams, qkv_format="thd") for Transformer Engine, and for the torch spec
+    on a GPU; else "mask" (a block-diagonal causal mask per row). `layer_spec` is the resolved one
+    (models/builder.py `resolve_layer_spec`: te, torch or local); `precision` too: bf16, fp16 or fp32."""
     if not packing:
         return None
-    if not transformer_engine:
+    if layer_spec == "torch":
+        # On a GPU the torch spec runs THD as compiled FlexAttention with document ids from cu_seqlens, in any
+        # precision, and no [seq, seq] mask per row is built and copied. On CPU FlexAttention has no backward,
+        # so the torch spec trains with SDPA and the mask. It has no context parallelism (validate_layout).
+        return "thd" if on_gpu and parallel.context == 1 else "mask"
+    if layer_spec != "te":
         return "mask"
     # TE runs THD attention only in its flash / cuDNN fused backends (fp16 / bf16); its unfused fp32
     # backend refuses qkv_format="thd", and there is no fp32 path for a mask either.
     _check(precision in ("bf16", "fp16"),
            f"data.packing=true with Transformer Engine attention (THD) needs bf16 or fp16 attention; found "
            f"train.precision resolving to {precision}; set train.precision=bf16, or model.layer_spec=local or torch "
-           f"(packing with a block-diagonal mask, any precision), or data.packing=false")
+           f"(any precision: local packs with a block-diagonal mask, torch on a GPU with THD), or "
+           f"data.packing=false")
     # Context parallelism over THD needs each sample split across CP ranks (TE's partitioned indices and
     # cu_seqlens_*_padded, every sample padded to a multiple of 2 x CP); that is not wired up.
     _check(parallel.context == 1,

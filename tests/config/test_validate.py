@@ -45,16 +45,23 @@ def test_choices():
         validate_choices({"train.on_nan": "ignore"})
 
 
-@pytest.mark.parametrize("packing, te, precision, context, expected", [
-    (False, True, "fp32", 1, None),
-    (False, False, "bf16", 1, None),
-    (True, False, "fp32", 1, "mask"),
-    (True, False, "bf16", 1, "mask"),
-    (True, True, "bf16", 1, "thd"),
-    (True, True, "fp16", 1, "thd"),
+@pytest.mark.parametrize("packing, spec, precision, context, on_gpu, expected", [
+    (False, "te", "fp32", 1, True, None),
+    (False, "local", "bf16", 1, False, None),
+    (False, "torch", "bf16", 1, True, None),
+    (True, "local", "fp32", 1, False, "mask"),
+    (True, "local", "bf16", 1, True, "mask"),
+    (True, "te", "bf16", 1, True, "thd"),
+    (True, "te", "fp16", 1, False, "thd"),
+    # torch spec: THD (FlexAttention from cu_seqlens) on a GPU in any precision; on CPU the mask, as before
+    (True, "torch", "fp32", 1, True, "thd"),
+    (True, "torch", "bf16", 1, True, "thd"),
+    (True, "torch", "fp32", 1, False, "mask"),
+    (True, "torch", "bf16", 1, False, "mask"),
+    (True, "torch", "bf16", 2, True, "mask"),  # no THD across context-parallel ranks (validate_layout refuses CP)
 ])
-def test_packed_attention_follows_the_attention_backend(packing, te, precision, context, expected):
-    assert packed_attention(packing, te, precision, ParallelConfig(context=context)) == expected
+def test_packed_attention_follows_the_attention_backend(packing, spec, precision, context, on_gpu, expected):
+    assert packed_attention(packing, spec, precision, ParallelConfig(context=context), on_gpu=on_gpu) == expected
 
 
 @pytest.mark.parametrize("precision, context, message", [
@@ -65,7 +72,7 @@ def test_packed_attention_follows_the_attention_backend(packing, te, precision, 
 ])
 def test_packing_with_transformer_engine_refuses_what_is_not_wired(precision, context, message):
     with pytest.raises(ConfigError, match=message):
-        packed_attention(True, True, precision, ParallelConfig(context=context))
+        packed_attention(True, "te", precision, ParallelConfig(context=context), on_gpu=True)
 
 
 @pytest.mark.parametrize("world, tensor, pipeline, start", [(1, 2, 1, 2), (3, 2, 1, 2), (2, 2, 2, 4)])

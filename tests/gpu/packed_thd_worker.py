@@ -86,13 +86,14 @@ def main() -> None:
     from megaswift.config import ParallelConfig
     from megaswift.config.validate import packed_attention
     from megaswift.models import hf_to_transformer_config, preset_hf_config
-    from megaswift.models.builder import build_model_chunks, use_transformer_engine
+    from megaswift.models.builder import build_model_chunks, resolve_layer_spec
     from megaswift.train.distributed import init_distributed, shutdown_distributed
 
     parallel = ParallelConfig()
     init_distributed(parallel, SEED)
     try:
-        attention = packed_attention(True, use_transformer_engine(args.layer_spec), args.precision, parallel)
+        attention = packed_attention(True, resolve_layer_spec(args.layer_spec), args.precision, parallel,
+                                     on_gpu=torch.cuda.is_available())
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
         hf = preset_hf_config("tiny-llama")
         on_gpu = torch.cuda.is_available()

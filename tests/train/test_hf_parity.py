@@ -10,6 +10,8 @@ gradient norm must equal the reference's to 1e-5 relative in fp32. Layouts are c
     sft   PP=2 + --data.packing + --data.loss_scale agent (unfused)  (the same model and data: the fused
           and unfused losses must also equal each other)
     sft   EP=2 (x DP=2), Qwen2-MoE: shared expert, top-2 of 4 without renormalisation, no aux loss
+    pt    TP=1, DeepSeek-V3 (MLA, YaRN) and GLM-4.5 (partial rope, qk-norm, biases): layer 0 dense, layer 1
+          sigmoid-routed experts with expert bias, groups and shared experts
 """
 import argparse
 import json
@@ -31,6 +33,8 @@ MODELS = {
     "llama3": ("tiny-llama3", {"num_hidden_layers": 2, "vocab_size": 1037}),
     "qwen2": ("tiny-qwen2", {"num_hidden_layers": 2, "vocab_size": 1100}),
     "qwen2-moe": ("tiny-qwen2-moe", {"num_hidden_layers": 2, "vocab_size": 1100}),
+    "deepseek-v3": ("tiny-deepseek-v3", {"num_hidden_layers": 2, "vocab_size": 1037}),
+    "glm4-moe": ("tiny-glm4-moe", {"num_hidden_layers": 2, "vocab_size": 1037}),
 }
 SFT_SEQ = 256
 
@@ -88,10 +92,23 @@ def models(tmp_path_factory, tiny_tokenizer_dir):
 # ---------------------------------------------------------------- pt, TP=1, with evaluation
 
 
-def test_pt_tp1_and_its_evaluation_equal_transformers(models, demo_data, tmp_path):
-    from converters import mcore2hf
+def _pt_steps(settings: dict, name: str):
+    """(the data source, each step's micro-batches), from megaswift's data source built as `megaswift pt`
+    builds it (one process): the same micro-batches the run trained on."""
     from megaswift.config import PretrainConfig
     from megaswift.data.pretrain import PretrainData, token_ids_from_tokenizer
+    config = _parse(PretrainConfig, settings)
+    t = config.train
+    source = PretrainData(config.data, token_ids_from_tokenizer(str(settings["data.tokenizer"]),
+                                                                MODELS[name][1]["vocab_size"]),
+                          t.seed, t.micro_batch_size, t.train_iters * t.global_batch_size,
+                          t.eval_iters * t.micro_batch_size)
+    train = source.train_iterators(0, 0, 1, 1)[0]
+    return source, [[next(train) for _ in range(t.global_batch_size // t.micro_batch_size)] for _ in range(STEPS)]
+
+
+def test_pt_tp1_and_its_evaluation_equal_transformers(models, demo_data, tmp_path):
+    from converters import mcore2hf
     hf_dir, mcore_dir = models("llama3")
     tokenizer_dir, prefix = demo_data
     settings = {"data.paths": prefix, "data.tokenizer": tokenizer_dir, "data.seq_length": 64, "data.split": "90,10,0",
@@ -100,25 +117,34 @@ def test_pt_tp1_and_its_evaluation_equal_transformers(models, demo_data, tmp_pat
                 "checkpoint.load": mcore_dir, "checkpoint.finetune": "true", "checkpoint.save": tmp_path / "ckpt",
                 "logging.output_dir": tmp_path, "logging.progress_bar": "false", "logging.tensorboard": "false"}
     run_pt(_flag_list(settings), timeout=400)
-
-    # The same micro-batches, from megaswift's data source built as `megaswift pt` builds it (one process).
-    config = _parse(PretrainConfig, settings)
-    t = config.train
-    source = PretrainData(config.data, token_ids_from_tokenizer(str(tokenizer_dir), MODELS["llama3"][1]["vocab_size"]),
-                          t.seed, t.micro_batch_size, t.train_iters * t.global_batch_size,
-                          t.eval_iters * t.micro_batch_size)
-    train = source.train_iterators(0, 0, 1, 1)[0]
-    steps = [[next(train) for _ in range(t.global_batch_size // t.micro_batch_size)] for _ in range(STEPS)]
+    source, steps = _pt_steps(settings, "llama3")
     _assert_equal_to_reference(tmp_path, train_reference(hf_dir, steps, ADAMW), "pt tp1")
 
     # evaluate(): the validation samples, through transformers, with the weights the run saved.
     exported = tmp_path / "exported"
     mcore2hf(tmp_path / "ckpt", exported, verify=False, progress=False)
     valid = source.valid_iterators(0, 1, 1)[0]
-    expected = evaluation_loss(exported, [next(valid) for _ in range(t.eval_iters)])
+    expected = evaluation_loss(exported, [next(valid) for _ in range(settings["train.eval_iters"])])
     eval_loss = _metrics(tmp_path)[2]
     print(f"pt tp1: eval_loss {eval_loss} vs transformers on the validation samples {expected:.8f}")
     assert eval_loss[STEPS] == pytest.approx(expected, rel=REL)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "glm4-moe"])
+def test_pt_tp1_sigmoid_routed_moe_equals_transformers(name, models, demo_data, tmp_path):
+    """Multi-latent attention (DeepSeek-V3) and partial rope (GLM-4.5), each with a dense layer 0 and a layer
+    of sigmoid-routed, grouped experts with an expert bias and shared experts, train as transformers does."""
+    hf_dir, mcore_dir = models(name)
+    tokenizer_dir, prefix = demo_data
+    settings = {"data.paths": prefix, "data.tokenizer": tokenizer_dir, "data.seq_length": 32, "data.split": "100,0,0",
+                "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.train_iters": STEPS,
+                "train.precision": "fp32", **ADAMW.flags(), "checkpoint.load": mcore_dir, "checkpoint.finetune": "true",
+                "logging.output_dir": tmp_path, "logging.progress_bar": "false", "logging.tensorboard": "false",
+                # megatron-core moves each router's expert bias (aux-loss-free balancing) after every step;
+                # transformers never updates `e_score_correction_bias`, so the reference keeps it fixed
+                "megatron.moe_router_bias_update_rate": 0}
+    run_pt(_flag_list(settings), timeout=400)
+    _assert_equal_to_reference(tmp_path, train_reference(hf_dir, _pt_steps(settings, name)[1], ADAMW), f"pt tp1 {name}")
 
 
 # ---------------------------------------------------------------- sft
