@@ -137,21 +137,8 @@ def summarise(rounds: list[dict], tokens_per_step: int, flops_per_step: float, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny-llama")
-    parser.add_argument("--overrides", default='{"hidden_size": 256, "intermediate_size": 688, '
-                                               '"num_attention_heads": 8, "num_key_value_heads": 4}')
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--global-batch-size", type=int, default=8)
-    parser.add_argument("--precision", default="fp32")
+    _train_throughput().add_run_arguments(parser, steps=12, warmup=3, rounds=3, results="peer_train_<device>.json")
     parser.add_argument("--perf", default="{}", help="megaswift's perf section, as JSON (recompute, fusions, ...)")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--child")
-    parser.add_argument("--config-json")
-    parser.add_argument("--out")
-    parser.add_argument("--results-dir", default=str(RESULTS), help="where peer_train_<device>.json goes")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.config_json, args.out)

@@ -114,21 +114,27 @@ def measure(mode: str, config: dict, warmup: int) -> float:
         return statistics.median(json.loads(line.split(" ", 1)[1])[warmup:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(parser, steps: int, warmup: int, rounds: int, results: str) -> None:
+    """The model shape, batch, precision and rounds of a training benchmark (this one and peer_train.py)."""
     parser.add_argument("--preset", default="tiny-llama")
-    parser.add_argument("--overrides", default='{"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 4}')
+    parser.add_argument("--overrides", default='{"hidden_size": 256, "intermediate_size": 688, '
+                                               '"num_attention_heads": 8, "num_key_value_heads": 4}')
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--global-batch-size", type=int, default=8)
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--child")
     parser.add_argument("--config-json")
     parser.add_argument("--out")
-    parser.add_argument("--results-dir", default=str(RESULTS), help="where train_throughput_<device>.json goes")
+    parser.add_argument("--results-dir", default=str(RESULTS), help=f"where {results} goes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser, steps=25, warmup=5, rounds=2, results="train_throughput_<device>.json")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.config_json, args.out)
