@@ -19,9 +19,10 @@ from converters.mcore_reader import McoreCheckpointReader
 from converters.output_dir import atomic_output_dir, check_output_dir
 from converters.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size, plan_shards
 from megaswift.checkpointing.adapter import is_adapter_checkpoint, recorded_tuner, resolve_base
+from megaswift.checkpointing.foreign import is_foreign_checkpoint
 from megaswift.checkpointing.integrity import damaged_files
-from megaswift.checkpointing.layout import (HF_ASSETS, CheckpointError, copy_hf_assets, read_meta,
-                                            resolve_checkpoint)
+from megaswift.checkpointing.layout import (HF_ASSETS, LATEST_FILE, META_FILE, CheckpointError, copy_hf_assets,
+                                            read_meta, resolve_checkpoint)
 from megaswift.models.families import family_of
 from megaswift.models.families.rules import TensorMapping, dims_of
 
@@ -46,13 +47,16 @@ def _read_region_of(target: McoreTensor, stored_shape: tuple[int, ...], vocab_si
 
 def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "5GB", verify: bool | None = None,
              overwrite: bool = False, progress: bool = True, merge: bool = False,
-             base_name_or_path: str | None = None) -> dict:
+             base_name_or_path: str | None = None, hf_config: str | Path | None = None) -> dict:
     """`merge`: for an adapter checkpoint, write the full model with the adapter merged instead of the PEFT
     folder. `base_name_or_path`: the adapter_config.json field (default: what an imported adapter recorded,
-    else the base checkpoint's path)."""
+    else the base checkpoint's path). `hf_config`: the HF config (folder or config.json) of a checkpoint
+    megaswift did not write (Megatron-LM, Megatron-Bridge, ms-swift), which records none."""
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any work
     max_shard_bytes = parse_size(max_shard_size)
+    if hf_config is not None or is_foreign_checkpoint(mcore_dir):
+        return _export_foreign(mcore_dir, hf_config, merge, out_dir, max_shard_bytes, verify, overwrite, progress)
     try:
         ckpt = resolve_checkpoint(mcore_dir)
         meta = read_meta(ckpt)
@@ -85,18 +89,44 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
                          replace=replace, assets=ckpt / HF_ASSETS, check_done=unused, after_write=check)
 
 
+def _export_foreign(mcore_dir: Path, hf_config, merge: bool, out_dir: Path, max_shard_bytes: int,
+                    verify: bool | None, overwrite: bool, progress: bool) -> dict:
+    """A Megatron-LM-style checkpoint (converters/foreign_checkpoint.py): checked against the named config."""
+    from converters.foreign_checkpoint import open_checked
+    if (mcore_dir / META_FILE).is_file() or (mcore_dir / LATEST_FILE).is_file():
+        raise ConversionError(f"{mcore_dir} is a megaswift checkpoint, which records its HF config in "
+                              f"{META_FILE}: drop --hf-config")
+    if hf_config is None:
+        raise ConversionError(f"{mcore_dir} was not written by megaswift (no {META_FILE}; Megatron-LM, "
+                              f"Megatron-Bridge or ms-swift write it this way) and records no HF config: name the "
+                              f"config of the model it holds with --hf-config DIR_OR_CONFIG_JSON")
+    if merge:
+        raise ConversionError(f"--merge merges a megaswift LoRA/DoRA checkpoint; {mcore_dir} is a full checkpoint "
+                              f"another trainer wrote: export it without --merge")
+    ckpt, hf, layout = open_checked(mcore_dir, hf_config)
+    # The logit check loads the checkpoint with megaswift's own key layout; other layouts are checked by shape.
+    if verify is not False and (ckpt.prefix or ckpt.per_layer):
+        verify = False
+    assets = Path(hf_config) if Path(hf_config).is_dir() else Path(hf_config).parent
+    return _export_model(ckpt.folder, {"hf_config": hf}, out_dir, max_shard_bytes, verify, overwrite, progress,
+                         assets=assets, layout=layout)
+
+
 def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, verify: bool | None, overwrite: bool,
-                  progress: bool, replace=None, assets: Path | None = None, check_done=None, after_write=None) -> dict:
+                  progress: bool, replace=None, assets: Path | None = None, check_done=None, after_write=None,
+                  layout=None) -> dict:
     """The full model of `ckpt` as an HF folder. `replace(hf_name, tensor)`: what to write instead of each HF
     tensor (merging); `check_done()`: names left unused by `replace`, which must be none; `after_write(tmp,
-    planned)`: a check of the written folder before it is moved into place, returning the report."""
+    planned)`: a check of the written folder before it is moved into place, returning the report. `layout`:
+    a checkpoint another trainer wrote, already checked against the config (foreign_checkpoint.py)."""
     hf = meta.get("hf_config")
     if not hf:
         raise ConversionError(f"{ckpt / 'megaswift.json'}: has no 'hf_config'; cannot tell which model it holds")
     family = family_of(hf, where=f"{ckpt / 'megaswift.json'} hf_config")
     view = family.read(hf)
     mappings = family.tensor_mappings(view)
-    layout = mcore_layout(hf)
+    foreign = layout is not None
+    layout = layout or mcore_layout(hf)
     check_mapping_matches_layout(mappings, layout, where=view.architecture)
     reader = McoreCheckpointReader(ckpt)
     dims = dims_of(view)
@@ -108,7 +138,8 @@ def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, v
         read_shape = regions[m.mcore][1][len(target.chunk_sizes) - len(target.shape):]
         planned += [PlannedTensor(k, s, md.properties.dtype)
                     for k, s in zip(m.hf, expected_hf_shapes(m, read_shape, dims))]
-    _check_no_unused_model_tensors(reader, layout, ckpt)
+    if not foreign:
+        _check_no_unused_model_tensors(reader, layout, ckpt)
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan_shards(planned, max_shard_bytes))

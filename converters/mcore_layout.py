@@ -61,13 +61,16 @@ def build_meta_model(hf: dict):
     return model
 
 
-def mcore_layout(hf: dict) -> McoreLayout:
+def mcore_layout(hf: dict, metadata: dict | None = None, prefix: str = "") -> McoreLayout:
+    """`metadata`, `prefix`: passed to sharded_state_dict(), for checkpoints other tools wrote (per-layer keys
+    with {'non_homogeneous_layers': True}, a key prefix); the tensors stay named by their state-dict name."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
     with single_process_model_parallel():
         model = build_meta_model(hf)
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
-        sharded = model.sharded_state_dict()
+        sharded = {name.removeprefix(prefix): value
+                   for name, value in model.sharded_state_dict(prefix=prefix, metadata=metadata).items()}
         apply_factories(sharded)
     tensors, objects = {}, []
     for name, value in sharded.items():

@@ -182,6 +182,9 @@ def damaged_checkpoint_message(ckpt_dir: Path, iteration, problems: list[str], p
 def damaged_files(ckpt_dir: Path) -> list[str]:
     """The damaged files of `ckpt_dir` ([] when intact, or when it records no sums, as older checkpoints
     do). Collective."""
+    from megaswift.checkpointing.foreign import is_foreign_checkpoint
+    if is_foreign_checkpoint(ckpt_dir):  # written by Megatron-LM & co., which record no sums
+        return []
     records = read_meta(ckpt_dir).get(FILES_KEY)
     return verify_files(ckpt_dir, records) if records else []
 

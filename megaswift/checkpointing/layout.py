@@ -122,8 +122,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {path} does not exist")
     iteration = read_latest(path)
     if iteration is None:
-        raise CheckpointError(f"{path} is not a megaswift checkpoint: it has neither {META_FILE} "
-                              f"nor a {LATEST_FILE} file")
+        # Megatron-LM, Megatron-Bridge and ms-swift name `latest` so (megaswift/checkpointing/foreign.py).
+        foreign = (path / "latest_checkpointed_iteration.txt").is_file() or (path / ".metadata").is_file()
+        raise CheckpointError(f"{path} is not a megaswift checkpoint: it has neither {META_FILE} nor a "
+                              f"{LATEST_FILE} file" + (
+                                  ". It is laid out as Megatron-LM writes checkpoints: export it with `megaswift "
+                                  "convert mcore2hf PATH OUT --hf-config CONFIG`, or train from its weights with "
+                                  "--checkpoint.finetune --model.hf_config CONFIG" if foreign else ""))
     return iteration_dir(path, iteration)
 
 

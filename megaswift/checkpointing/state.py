@@ -394,6 +394,9 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
     """Loads model weights (and optimizer/scheduler when given); returns the checkpoint's iteration. `verify`
     checks the files against their recorded sums first; `fallback` then loads the previous complete
     checkpoint instead of a damaged one (the iteration returned is the one loaded)."""
+    from megaswift.checkpointing.foreign import is_foreign_checkpoint, load_foreign_checkpoint
+    if is_foreign_checkpoint(ckpt_dir):  # Megatron-LM & co. (no megaswift.json): weights only, no recorded sums
+        return load_foreign_checkpoint(ckpt_dir, chunks, optimizer)
     ckpt_dir = intact_checkpoint(Path(ckpt_dir), fallback) if verify else Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     adapters, adapter_checkpoint = has_adapters(chunks), is_adapter_checkpoint(meta)

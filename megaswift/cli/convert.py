@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="also import this PEFT LoRA/DoRA adapter of the model into OUT_DIR/adapter/, to "
                                "continue training it with --checkpoint.load OUT_DIR --tuner.type lora|dora")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    to_hf.add_argument("--hf-config", default=None, metavar="DIR_OR_FILE",
+                       help="for a checkpoint megaswift did not write (Megatron-LM, Megatron-Bridge, ms-swift: "
+                            "latest_checkpointed_iteration.txt + iter_N/ in torch_dist): the HF config.json (or its "
+                            "folder, whose tokenizer files are copied too) of the model it holds")
     to_hf.add_argument("--merge", action="store_true",
                        help="for a LoRA/DoRA checkpoint: write the full HF model with the adapter merged (in fp32, "
                             "saved in the base's dtype) instead of a PEFT adapter folder")
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             report = mcore2hf(args.mcore_dir, args.out_dir, max_shard_size=args.max_shard_size, verify=args.verify,
                               overwrite=args.overwrite, progress=args.progress, merge=args.merge,
-                              base_name_or_path=args.base_model_name_or_path)
+                              base_name_or_path=args.base_model_name_or_path, hf_config=args.hf_config)
     except (ConversionError, UnsupportedModelError, ConfigError, ValueError) as e:
         print(f"megaswift convert {args.direction}: error: {e}", file=sys.stderr)
         return 1

@@ -28,7 +28,9 @@ def build_run_config(cls, args: argparse.Namespace):
     config = config_from_args(cls, args)
     start = checkpoint_to_load(config)
     check_model_settings(given_model_settings(args), start)
-    if start.weights_only:  # the checkpoint's model (its HF config travels in megaswift.json), not a default preset
+    # the checkpoint's model (its HF config travels in megaswift.json), not a default preset; a checkpoint
+    # megaswift did not write records none, so the config the user named stays (train/resume.py)
+    if start.weights_only and not start.meta.get("foreign"):
         config.model.preset = config.model.hf_config = None
     if start.weights_only and is_adapter_checkpoint(start.meta):  # an adapter brings its settings (flags still win)
         config = config_from_args(cls, args, base={"tuner": recorded_tuner(start.meta)})

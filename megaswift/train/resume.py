@@ -4,6 +4,8 @@ The rule (the same for pt, sft and every later trainer): a complete checkpoint i
 wins and resumes the full state (weights, optimizer, schedule, consumed samples, RNG); `checkpoint.load`
 (with `checkpoint.finetune`: weights only) seeds only a run whose `checkpoint.save` holds no checkpoint yet.
 So rerunning the identical command (a Slurm requeue) continues the run instead of starting it over.
+A checkpoint another trainer wrote (Megatron-LM's layout, checkpointing/foreign.py) can only seed a run: with
+checkpoint.finetune, and model.hf_config naming the model it holds (checked against its tensors first).
 
 A resumed run's config is the recorded one under the YAML file and the flags (cli/run_config.py). Settings
 that decide which sample comes next cannot change in mid-run (the position would point into other data);
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from megaswift.checkpointing.adapter import (adapter_beside, adapter_meta, base_record, is_adapter_checkpoint,
                                              recorded_tuner, resolve_base, settings_differences)
+from megaswift.checkpointing.foreign import is_foreign_checkpoint
 from megaswift.checkpointing.layout import read_latest, read_meta, resolve_checkpoint
 from megaswift.config import ConfigError, ModelConfig, config_to_dict
 from megaswift.models import resolve_hf_config
@@ -32,8 +35,8 @@ from megaswift.models import resolve_hf_config
 DATA_POSITION_SETTINGS = ("data.paths", "data.split", "data.seq_length", "data.datasets", "data.packing",
                           "data.over_length", "data.valid_fraction", "train.seed")
 # Not part of what a run trains: where it writes, how it reports, a one-off stop, caches and workers.
-NOT_COMPARED = ("checkpoint.", "logging.", "train.exit_after_iters", "data.cache_dir", "data.num_proc",
-                "data.num_workers")
+NOT_COMPARED = ("checkpoint.", "logging.", "eval.", "train.exit_after_iters", "data.cache_dir", "data.num_proc",
+                "data.num_workers")  # eval.*: what is scored beside training, never the training itself
 # HF config fields a checkpoint's model may change (they change training, not the weights' shapes).
 COMPATIBLE_MODEL_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
 # HF config fields that do not describe the network (ids, serialisation details).
@@ -89,6 +92,8 @@ def _resume_rule(config) -> StartPoint:
         if ck.load:
             why += f"; checkpoint.load {ck.load} only seeds a run whose checkpoint.save is still empty"
         return StartPoint(folder, False, True, why, read_meta(folder))
+    if ck.load and is_foreign_checkpoint(ck.load):
+        return _foreign_start(config)
     if ck.load:
         folder = resolve_checkpoint(ck.load)
         empty = f"checkpoint.save {ck.save} holds no checkpoint yet" if ck.save else "checkpoint.save is not set"
@@ -98,6 +103,34 @@ def _resume_rule(config) -> StartPoint:
     why = "no checkpoint.load, and " + (f"checkpoint.save {ck.save} holds no checkpoint yet" if ck.save
                                         else "checkpoint.save is not set")
     return StartPoint(reason=why)
+
+
+def _foreign_start(config) -> StartPoint:
+    """checkpoint.load names a checkpoint megaswift did not write (checkpointing/foreign.py): its weights, for
+    the model the user names, checked tensor by tensor against that model before anything is built."""
+    ck, model = config.checkpoint, config.model
+    what = (f"checkpoint.load {ck.load} was not written by megaswift (no megaswift.json: the layout Megatron-LM, "
+            f"Megatron-Bridge and ms-swift write)")
+    if not ck.finetune:
+        raise ConfigError(f"{what}; megaswift can start from its weights, not resume another trainer's optimizer, "
+                          f"schedule and data position: add --checkpoint.finetune")
+    if not model.hf_config:  # model.preset has a default, so it cannot say which model the checkpoint holds
+        raise ConfigError(f"{what}, and it records no HF config: name the config of the model it holds with "
+                          f"--model.hf_config DIR (a folder with config.json, or the file)")
+    tuner = getattr(getattr(config, "tuner", None), "type", "full")
+    if tuner != "full":
+        raise ConfigError(f"{what}; tuner.type {tuner} trains adapters on a megaswift base checkpoint: convert it "
+                          f"first (megaswift convert mcore2hf {ck.load} HF_DIR --hf-config CONFIG, then megaswift "
+                          f"convert hf2mcore HF_DIR OUT) and load OUT")
+    from converters.errors import ConversionError
+    from converters.foreign_checkpoint import config_file_of, open_checked
+    try:
+        ckpt, hf, _ = open_checked(ck.load, resolve_hf_config(model), config_file_of(model.hf_config))
+    except ConversionError as e:
+        raise ConfigError(str(e)) from None
+    empty = f"checkpoint.save {ck.save} holds no checkpoint yet" if ck.save else "checkpoint.save is not set"
+    why = f"checkpoint.load {ck.load} with checkpoint.finetune (weights only; {ckpt.describe()}), and {empty}"
+    return StartPoint(ckpt.folder, True, False, why, {"hf_config": hf, "iteration": ckpt.iteration, "foreign": True})
 
 
 def _with_adapter_rules(start: StartPoint, tuner_type: str, load: str | None) -> StartPoint:
