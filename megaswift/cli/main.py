@@ -9,13 +9,14 @@ import sys
 SUBCOMMANDS = {
     "pt": ("megaswift.cli.pt", "pre-train on Megatron indexed datasets"),
     "sft": ("megaswift.cli.sft", "fine-tune on chat / agent data"),
+    "rlhf": ("megaswift.cli.rlhf", "preference training (DPO, SimPO, ORPO) on chosen / rejected pairs"),
     "preprocess": ("megaswift.cli.preprocess", "tokenize jsonl/text/parquet into Megatron indexed datasets"),
     "convert": ("megaswift.cli.convert", "convert checkpoints: hf2mcore / mcore2hf"),
     "launch": ("megaswift.cli.launch", "launch a megaswift command with torchrun (single/multi-node, Slurm)"),
     "doctor": ("megaswift.cli.doctor", "report the environment, the built kernels and which path each op uses"),
     "infer": ("megaswift.cli.infer", "generate answers for a dataset, or chat, with an exported model (+ adapters)"),
     "deploy": ("megaswift.cli.deploy", "serve a model and its LoRA adapters with an OpenAI-compatible API"),
-    "eval": ("megaswift.cli.eval", "score a model or a server on multiple-choice (CSV) and QA (jsonl) sets"),
+    "eval": ("megaswift.cli.eval", "score a model or a server on multiple-choice (CSV), QA (jsonl) and lm-eval tasks"),
     "export": ("megaswift.cli.export", "quantize an exported model (bitsandbytes NF4 / int8), size and perplexity"),
 }
 
@@ -62,7 +63,7 @@ def parse_command_line(argv: list[str]) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         owner = parsers.get(args.command, parser)
-        defaults = " and its default" if args.command in ("pt", "sft") else ""
+        defaults = " and its default" if args.command in ("pt", "sft", "rlhf") else ""
         sys.stderr.write(f"{owner.prog}: error: {describe_unknown(unknown, _known_flags(owner))}\n"
                          f"(`{owner.prog} --help` lists every flag{defaults})\n")
         sys.exit(2)
@@ -71,9 +72,9 @@ def parse_command_line(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_command_line(argv)
     from megaswift.cli.quiet import silence_known_noise
-    silence_known_noise()
+    silence_known_noise()  # before parsing: pt/sft list megatron-core's config fields (--megatron.*), importing it
+    args = parse_command_line(argv)
     if args.command is None:
         build_parser()[0].print_help()
         return 2

@@ -5,7 +5,7 @@ they all started.
 """
 import importlib
 
-CHECKED = {"pt": "megaswift.cli.pt", "sft": "megaswift.cli.sft"}
+CHECKED = {"pt": "megaswift.cli.pt", "sft": "megaswift.cli.sft", "rlhf": "megaswift.cli.rlhf"}
 
 
 class PreflightError(Exception):

@@ -16,8 +16,10 @@ class ModelConfig:
     overrides: dict = _help("HF config fields to override, as JSON", factory=dict)
     moe_token_dispatcher: str = _help("MoE token dispatcher: alltoall or allgather", "alltoall")
     init_std: float = _help("std of the random initialisation", 0.02)
-    layer_spec: str = _help("auto (Transformer Engine where it imports on a GPU), te, or local (megatron-core's "
-                            "own modules)", "auto")
+    layer_spec: str = _help("te (Transformer Engine), torch (megatron-core's modules with torch's SDPA / "
+                            "FlexAttention kernels as core attention; no context parallelism), local "
+                            "(megatron-core's own modules), or auto: te where it imports on a GPU, else torch "
+                            "on a GPU, else local", "auto")
 
 
 @dataclass
@@ -104,6 +106,86 @@ class LoggingConfig:
 
 
 @dataclass
+class TunerConfig:
+    """Which weights are trained: all of them, or low-rank adapters (LoRA/DoRA) on a frozen base."""
+    type: str = _help("full (train every weight), lora or dora (train adapters on a frozen base)", "full")
+    rank: int = _help("adapter rank r", 8)
+    alpha: float = _help("adapter scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora)",
+                         32.0)
+    dropout: float = _help("dropout on the adapter's input", 0.0)
+    rslora: bool = _help("scale by alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA)", False)
+    targets: str = _help("all-linear, or comma-separated HF module names such as q_proj,v_proj,gate_proj",
+                         "all-linear")
+    modules_to_save: list[str] = _help("HF modules trained in full beside the adapters: embed_tokens and/or lm_head",
+                                       factory=list)
+
+
+@dataclass
+class PerformanceConfig:
+    """Speed and memory: activation recompute, communication overlap, fused kernels, optimizer offload."""
+    recompute: str = _help("activation recompute: none, selective (the modules in perf.recompute_modules) or full "
+                           "(whole layers, see recompute_method)", "none")
+    recompute_method: str = _help("with recompute=full: uniform (recompute every layer, in units of "
+                                  "recompute_num_layers) or block (only the first recompute_num_layers layers of "
+                                  "each pipeline stage)", "uniform")
+    recompute_num_layers: int | None = _help("with recompute=full: layers per unit (uniform) or layers recomputed "
+                                             "per pipeline stage (block); default: 1 (uniform), all of a stage's "
+                                             "layers (block)")
+    recompute_modules: list[str] = _help("with recompute=selective: core_attn, mlp, layernorm, moe, moe_act, "
+                                         "shared_experts", factory=lambda: ["core_attn"])
+    overlap_grad_reduce: bool = _help("overlap the data-parallel gradient all-reduce / reduce-scatter with the "
+                                      "backward pass", False)
+    overlap_param_gather: bool = _help("overlap the distributed optimizer's parameter all-gather with the next "
+                                       "forward pass (needs parallel.distributed_optimizer and "
+                                       "perf.overlap_grad_reduce)", False)
+    bucket_size: int | None = _help("gradients per data-parallel communication bucket, in elements, with "
+                                    "overlap_grad_reduce; default: megatron-core's max(40M, 1M x DP)")
+    bias_activation_fusion: bool | None = _help("fused bias + SwiGLU/GeLU; default: on with a GPU")
+    bias_dropout_fusion: bool | None = _help("fused bias + dropout + residual add; default: on with a GPU")
+    masked_softmax_fusion: bool | None = _help("fused scale + mask + softmax in local attention; default: on with "
+                                               "a GPU")
+    apply_rope_fusion: bool | None = _help("Transformer Engine's fused rotary embedding; default: on with a GPU "
+                                           "where Transformer Engine imports")
+    gradient_accumulation_fusion: bool | None = _help("weight-gradient GEMM accumulating straight into the fp32 main "
+                                                      "gradient (Apex's fused_weight_gradient_mlp_cuda); default: "
+                                                      "on with a GPU where it imports")
+    cross_entropy_loss_fusion: bool | None = _help("megatron-core's fused vocab-parallel cross entropy; default: "
+                                                   "on with a GPU")
+    moe_grouped_gemm: bool | None = _help("MoE experts as one grouped GEMM (Transformer Engine's GroupedLinear); "
+                                          "default: on with the te layer spec")
+    moe_dispatch_overlap: bool = _help("overlap MoE token dispatch/combine all-to-all with computation "
+                                       "(megatron-core's overlap_moe_expert_parallel_comm; needs a GPU, EP > 1, "
+                                       "bf16; refused for now: megaswift's forward step does not yet build the "
+                                       "schedule plan its combined 1F1B schedule runs)", False)
+    optimizer_cpu_offload: bool = _help("keep optimizer state (and its update) in CPU memory (megatron-core's "
+                                        "HybridDeviceOptimizer; needs a GPU and parallel.distributed_optimizer)",
+                                        False)
+    optimizer_offload_fraction: float = _help("with optimizer_cpu_offload: fraction of the optimizer state "
+                                              "offloaded", 1.0)
+
+
+@dataclass
+class EvalConfig:
+    """Benchmarks run on the checkpoints saved during training (`megaswift eval` in a background process on
+    rank 0), their scores written to metrics.jsonl as eval/<task>/<metric> at the checkpoint's step."""
+    tasks: list[str] = _help("what `megaswift eval --tasks` takes: *.csv (multiple choice), *.jsonl (QA), "
+                             "lm-eval task YAMLs or names; empty: no evaluations", factory=list)
+    interval: int = _help("evaluate the checkpoint saved every N steps, a multiple of checkpoint.save_interval "
+                          "(0: only the run's last checkpoint); the run's last checkpoint is always evaluated", 0)
+    max_new_tokens: int = _help("QA answer length", 128)
+    limit: int | None = _help("first N items of each task (default: all)")
+    batch_size: int = _help("prompts per generation batch", 8)
+    device: str = _help("torch device of the evaluation process: cpu (never takes accelerator memory from "
+                        "training) or cuda / cuda:N where training leaves room", "cpu")
+    wait_s: float = _help("at the end of the run, wait at most this long for evaluations still running, then "
+                          "stop them (a run stopped by SIGTERM never waits)", 1800.0)
+    lm_eval_include: list[str] = _help("folders of lm-eval task YAMLs whose task names eval.tasks may use",
+                                       factory=list)
+    num_fewshot: int | None = _help("lm-eval: examples in each prompt")
+    apply_chat_template: bool = _help("lm-eval: render its prompts with the model's chat template", False)
+
+
+@dataclass
 class PretrainConfig:
     """Everything `megaswift pt` needs; a checkpoint records it whole."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -112,6 +194,12 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    perf: PerformanceConfig = field(default_factory=PerformanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    megatron: dict = field(default_factory=dict, metadata={
+        "help": "any other megatron-core TransformerConfig / DistributedDataParallelConfig field, as "
+                "--megatron.FIELD VALUE or a `megatron:` mapping in YAML", "megatron_passthrough": True})
 
 
 @dataclass
@@ -133,6 +221,28 @@ class SFTDataConfig:
 
 
 @dataclass
+class RLHFConfig:
+    """Preference training: the objective, its loss type and where the reference log-probs come from."""
+    type: str = _help("dpo (with a reference model), simpo or orpo (reference-free)", "dpo")
+    loss: str = _help("with type dpo: sigmoid, cdpo, robust, hinge or ipo (length-normalised)", "sigmoid")
+    beta: float = _help("DPO's / SimPO's beta, ORPO's lambda", 0.1)
+    label_smoothing: float = _help("label smoothing eps of sigmoid / cdpo / robust / simpo, in [0, 0.5)", 0.0)
+    rpo_alpha: float = _help("weight of the token-mean NLL of the chosen answers added to the loss (RPO; 0: off)",
+                             0.0)
+    simpo_gamma: float = _help("SimPO's target reward margin", 0.5)
+    reference: str = _help("where DPO's reference log-probs come from: model (a frozen copy of the starting "
+                           "checkpoint), precomputed (one forward pass over the data before training, stored in the "
+                           "run's folder; no second model), or adapters (LoRA runs: the adapter-disabled model)",
+                           "model")
+
+
+@dataclass
 class SFTConfig(PretrainConfig):
     """Everything `megaswift sft` needs: pre-training's settings with chat data in place of indexed data."""
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
+
+
+@dataclass
+class RLHFRunConfig(SFTConfig):
+    """Everything `megaswift rlhf` needs: sft's settings (preference rows as data) plus the rlhf section."""
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)

@@ -20,7 +20,7 @@ pre-training, SFT and preference training:
   exchanged shape      `micro_batch_shape`: (sequence, micro-batch) of the activations pipeline stages
                        send each other
 
-A DPO objective fits the same parts (a sketch; megaswift/objectives/preference_losses.py is its math):
+A DPO objective fits the same parts (megaswift/objectives/dpo.py; preference_losses.py is its math):
   - data source: rows of whole pairs (megaswift/data/rlhf/packing.py) with `sequence_ids` (2k chosen,
     2k+1 rejected, -1 padding) and `num_pairs`; with precomputed reference log-probs (a forward-only
     first pass over the same rows, stored beside the data) each micro-batch also carries
@@ -34,9 +34,11 @@ A DPO objective fits the same parts (a sketch; megaswift/objectives/preference_l
     "rewards/accuracies", "logps/chosen", "logps/rejected"), each metric a sum over the micro-batch's
     pairs; step_metrics divides the pair sums by "pairs" and the NLL by "nll_tokens", so every
     metric is exact over the whole global batch whatever the layout.
-  - exchanged shape: unchanged (one row of seq_length tokens per micro-batch entry, THD when packed);
-    a frozen reference copy run in the same pipeline would double it (policy and reference
-    activations side by side) and is the part that would need a new hook here.
+  - exchanged shape: unchanged (one row of seq_length tokens per micro-batch entry, THD when packed).
+  - before the schedule: the optional `prepare_step(StepBatches) -> iterators` reads the step's
+    micro-batches, counts the step's pairs and chosen tokens (the NLL term's exact scale) and runs a
+    frozen reference copy forward-only over them (objectives/reference.py), so the training schedule
+    and the exchanged shapes stay the policy's alone.
 """
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -68,6 +70,20 @@ class RunPlan:
 
 
 ForwardStep = Callable[[object, object], tuple]  # (data_iterator, model) -> (output, loss_func)
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """What an objective's optional `prepare_step(step) -> iterators` is given before a step's (or an
+    evaluation's) schedule runs: it may read the step's micro-batches from `iterators`, run a forward-only
+    pass of its own over them (`forward_backward` with forward_only=True, e.g. a reference model's) and
+    return the iterators the schedule then reads (objectives/dpo.py)."""
+    model: list  # the policy's model chunks (DDP-wrapped)
+    iterators: list  # one per chunk
+    forward_backward: object  # megatron-core's forward-backward function of this layout
+    num_microbatches: int
+    micro_batch_shape: tuple[int, int]
+    step: int | None  # the step about to be trained; None for an evaluation
 
 
 class Objective(Protocol):

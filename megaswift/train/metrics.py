@@ -25,18 +25,50 @@ def device_peak_flops() -> float | None:
 
 
 def flops_per_token(hf: dict, seq_length: int) -> float:
-    """Training FLOPs per token: 6 x (matmul parameters) + causal attention scores (6 x L x s x h_attn)."""
+    """Training FLOPs per token: 6 x (weights of the matmuls one token passes through) + causal attention.
+
+    6 = 2 FLOPs per multiply-add x (forward + backward's two matmuls). Attention scores: a token's query meets
+    seq/2 keys on average under the causal mask, over QK^T (qk head dim) and PV (v head dim): forward
+    2 x seq/2 x heads x (qk_dim + v_dim) per layer, x3 with backward. Only the experts a token is routed
+    to count (plus shared experts and the router), and each layer counts as what it is (dense or MoE)."""
     from megaswift.models import hf_view  # here: the CLI imports this module for its paths, before torch
     model = hf_view(hf)
-    h, layers, heads, head_dim = model.hidden_size, model.num_layers, model.num_attention_heads, model.head_dim
-    attention = h * head_dim * (2 * heads + 2 * model.num_kv_heads)
-    if model.moe:
-        mlp = 3 * h * (model.moe.ffn_hidden_size * model.moe.experts_per_token
-                       + model.moe.shared_expert_ffn_hidden_size)
-    else:
-        mlp = 3 * h * model.ffn_hidden_size
-    logits = h * model.vocab_size
-    return 6 * (layers * (attention + mlp) + logits) + 6 * layers * seq_length * heads * head_dim
+    weights = sum(_attention_weights(model) + _mlp_weights(model, layer) for layer in range(model.num_layers))
+    weights += model.hidden_size * model.vocab_size  # output layer (logits); the input embedding is a lookup
+    qk_dim, v_dim = _attention_head_dims(model)
+    scores = 3 * model.num_layers * seq_length * model.num_attention_heads * (qk_dim + v_dim)
+    return 6 * weights + scores
+
+
+def _attention_head_dims(model) -> tuple[int, int]:
+    """(q/k head dim, v head dim): MLA's q/k heads are no-rope + rope dims, its v heads `v_head_dim`."""
+    if model.mla:
+        return model.mla.qk_nope_head_dim + model.mla.qk_rope_head_dim, model.mla.v_head_dim
+    return model.head_dim, model.head_dim
+
+
+def _attention_weights(model) -> int:
+    h, heads = model.hidden_size, model.num_attention_heads
+    qk_dim, v_dim = _attention_head_dims(model)
+    if not model.mla:
+        return h * qk_dim * heads + 2 * h * qk_dim * model.num_kv_heads + heads * v_dim * h  # q, k + v, out
+    mla = model.mla
+    # q straight from the hidden states, or down to q_lora_rank and up to every head
+    q = h * heads * qk_dim if mla.q_lora_rank is None else mla.q_lora_rank * (h + heads * qk_dim)
+    kv_down = h * (mla.kv_lora_rank + mla.qk_rope_head_dim)  # the shared latent + the shared rope key
+    kv_up = mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + v_dim)  # each head's no-rope key and value
+    return q + kv_down + kv_up + heads * v_dim * h
+
+
+def _mlp_weights(model, layer: int) -> int:
+    """Gated MLPs (three matrices) in every family here."""
+    h = model.hidden_size
+    if not model.is_moe_layer(layer):
+        return 3 * h * model.ffn_hidden_size
+    moe = model.moe
+    routed = 3 * h * moe.ffn_hidden_size * moe.experts_per_token
+    shared = 3 * h * moe.shared_expert_ffn_hidden_size + (h if moe.shared_expert_gate else 0)
+    return routed + shared + h * moe.num_experts  # + the router's scores for every expert
 
 
 def default_output_dir(checkpoint_save: str | None) -> str:

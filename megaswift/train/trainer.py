@@ -24,18 +24,24 @@ from megaswift.checkpointing.state import load_checkpoint, save_checkpoint
 from megaswift.config import ConfigError, config_to_dict
 from megaswift.config.validate import packed_attention, validate_choices, validate_layout
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
-from megaswift.models.builder import build_model_chunks, use_transformer_engine
-from megaswift.objectives.base import TOTALS, DataSource, Objective, RunPlan
+from megaswift.models.builder import build_model_chunks, resolve_layer_spec
+from megaswift.models.mcore_config import check_performance_settings, detect_accelerators
+from megaswift.config.megatron_fields import split_by_owner
+from megaswift.objectives.base import TOTALS, DataSource, Objective, RunPlan, StepBatches
 from megaswift.platform.cpu import cpu_patches
 from megaswift.platform.versions import installed_version
 from megaswift.train.distributed import init_distributed, shutdown_distributed, world_from_env
+from megaswift.train.checkpoint_eval import CheckpointEvaluator, check_eval_settings
 from megaswift.train.metrics import (MetricsLogger, default_output_dir, device_peak_flops, flops_per_token,
                                      write_run_config)
-from megaswift.train.optimizer import build_optimizer, build_scheduler, wrap_with_ddp
+from megaswift.train.optimizer import (build_optimizer, build_scheduler, ddp_config_for, parameters_gathered,
+                                      wrap_with_ddp)
+from megaswift.tuners import apply_tuner
 from megaswift.train.nonfinite import SkippedSteps
 from megaswift.train.preemption import StopRequest
-from megaswift.train.resume import (changed_settings, check_resume_changes, checkpoint_to_load, describe_changes,
-                                    describe_start, model_of_checkpoint)
+from megaswift.train.resume import (adapter_checkpoint_meta, changed_settings, check_adapter_start,
+                                    check_resume_changes, checkpoint_to_load, describe_changes, describe_start,
+                                    model_of_checkpoint)
 
 
 class TrainingError(RuntimeError):
@@ -121,9 +127,14 @@ def reduce_step_totals(losses_reduced: list, names: tuple[str, ...],
 
 
 def _model_config(hf: dict, config):
-    on_gpu = torch.cuda.is_available()
+    """The TransformerConfig the Trainer builds the model with: the model, layout, precision, `perf` and the
+    `megatron` pass-through (checked and parsed by Trainer.__init__, models/mcore_config.py)."""
+    accelerators = detect_accelerators(config.model.layer_spec)
+    on_gpu = accelerators.gpu
+    transformer_fields, _ = split_by_owner(config.megatron)
     tconfig = hf_to_transformer_config(hf, config.parallel, resolve_precision(config.train.precision),
-                                       config.model.moe_token_dispatcher, config.model.init_std, on_gpu=on_gpu)
+                                       config.model.moe_token_dispatcher, config.model.init_std, on_gpu=on_gpu,
+                                       perf=config.perf, accelerators=accelerators, megatron=transformer_fields)
     # Batched p2p on gloo gives silently wrong interleaved-pipeline results at PP=2 (mcore-on-cpu.md).
     tconfig.batch_p2p_comm = on_gpu
     tconfig.overlap_p2p_comm = False
@@ -140,6 +151,7 @@ class Trainer:
                           "model.moe_token_dispatcher": config.model.moe_token_dispatcher,
                           "model.layer_spec": config.model.layer_spec})
         self.skips = SkippedSteps.for_run(config.train)  # non-finite steps (train/nonfinite.py)
+        check_eval_settings(config)  # the `eval` section's checkpoint benchmarks (train/checkpoint_eval.py)
         # The resume rule (train/resume.py): checkpoint.save's latest wins, checkpoint.load only seeds a run.
         self.start = checkpoint_to_load(config)
         self.load_dir, self.weights_only = self.start.folder, self.start.weights_only
@@ -147,14 +159,20 @@ class Trainer:
             resolve_hf_config(config.model)
         self.setting_changes = changed_settings(self.start.recorded_config(), config) if self.start.resumed else []
         check_resume_changes(self.start, self.setting_changes)
+        check_adapter_start(self.start, config)  # LoRA/DoRA: a base to save against, unchanged adapter settings
         world = world_from_env()
-        te = use_transformer_engine(config.model.layer_spec)
+        layer_spec = resolve_layer_spec(config.model.layer_spec)  # te, torch or local
+        te = layer_spec == "te"
         self.dp_size = validate_layout(self.hf, config.parallel, config.train, config.data,
                                        world_size or world.world_size, te)
-        # TE attention ignores a block-diagonal mask (causal mask type): packed rows go THD there.
-        self.packed_attention = packed_attention(getattr(config.data, "packing", False), te,
+        # perf and the megatron pass-through (parsed by each field's type, kept in that JSON form)
+        config.megatron = check_performance_settings(config, self.hf, detect_accelerators(config.model.layer_spec),
+                                                     PRECISION_NAMES[resolve_precision(config.train.precision)])
+        # TE attention ignores a block-diagonal mask (causal mask type): packed rows go THD there, and with the
+        # torch spec on a GPU (FlexAttention from cu_seqlens, no dense mask per row).
+        self.packed_attention = packed_attention(getattr(config.data, "packing", False), layer_spec,
                                                  PRECISION_NAMES[resolve_precision(config.train.precision)],
-                                                 config.parallel)
+                                                 config.parallel, on_gpu=torch.cuda.is_available())
 
     def plan(self) -> RunPlan:
         """What this run has settled, for the objective to build on."""
@@ -226,8 +244,10 @@ class Trainer:
         """Model chunks wrapped in DDP, optimizer and schedule, with megatron-core's schedule hooks set."""
         cfg = self.config
         tconfig = _model_config(self.hf, cfg)
-        model = wrap_with_ddp(build_model_chunks(self.hf, tconfig, cfg.model.layer_spec), tconfig, cfg.parallel)
-        optimizer = build_optimizer(model, cfg.train, cfg.parallel, tconfig.params_dtype)
+        chunks = apply_tuner(build_model_chunks(self.hf, tconfig, cfg.model.layer_spec), cfg.tuner, self.hf)
+        model = wrap_with_ddp(chunks, tconfig, cfg.parallel,
+                              ddp_config_for(cfg.parallel, cfg.perf, split_by_owner(cfg.megatron)[1]))
+        optimizer = build_optimizer(model, cfg.train, cfg.parallel, tconfig.params_dtype, cfg.perf)
         scheduler = build_scheduler(optimizer, cfg.train)
         tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         tconfig.finalize_model_grads_func = finalize_model_grads
@@ -250,6 +270,7 @@ class Trainer:
                                cfg.logging.tensorboard, cfg.logging.progress_bar)
         throughput = _Throughput(self.hf, cfg, world.world_size)
         result = TrainResult(last_step=start)
+        evaluations = CheckpointEvaluator(cfg, world.rank == 0, logger.log)  # benchmarks on saved checkpoints
         try:
             with StopRequest(saving=bool(cfg.checkpoint.save)) as stop:
                 if cfg.checkpoint.save and cfg.checkpoint.save_initial and start == 0:
@@ -278,9 +299,16 @@ class Trainer:
                     save_due = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
                     if cfg.checkpoint.save and (save_due or step == end or result.stopped_by_signal):
                         self.save(step, session)
+                        evaluations.checkpoint_saved(step, iteration_dir(cfg.checkpoint.save, step),
+                                                     last=step == end, stopping=result.stopped_by_signal)
+                    evaluations.poll()
                     if result.stopped_by_signal:
                         break
+        except BaseException:
+            evaluations.close(wait=False)  # an error or Ctrl-C: stop the evaluations, never wait for them
+            raise
         finally:
+            evaluations.close()  # waits (eval.wait_s at most) for the evaluations still running
             logger.close()
         return result
 
@@ -316,9 +344,10 @@ class Trainer:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
         seq_length, micro_batch_size = session.micro_batch_shape
+        num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         losses = session.forward_backward(
-            forward_step_func=session.forward_step, data_iterator=session.iterators, model=session.model,
-            num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size),
+            forward_step_func=session.forward_step, model=session.model, num_microbatches=num_microbatches,
+            data_iterator=self._prepared(session, session.iterators, num_microbatches, step),
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
         totals, stop_agreed = reduce_step_totals(losses, self.objective.totals,
                                                  stop is not None and stop.requested)
@@ -341,6 +370,15 @@ class Trainer:
                 raise TrainingError(problem)
         return StepOutcome(loss, metrics, grad_norm, lr, applied, stop_agreed)
 
+    def _prepared(self, session: _Session, iterators: list, num_microbatches: int, step: int | None) -> list:
+        """The iterators a schedule reads: the objective's optional prepare_step (objectives/base.py
+        StepBatches) may read the micro-batches first, e.g. to run a reference model over them."""
+        prepare = getattr(self.objective, "prepare_step", None)
+        if prepare is None:
+            return iterators
+        return prepare(StepBatches(session.model, iterators, session.forward_backward, num_microbatches,
+                                   session.micro_batch_shape, step))
+
     def evaluate(self, session: _Session) -> dict[str, float]:
         """The objective's metrics ("loss" first) over train.eval_iters micro-batches of the validation split."""
         model = session.model
@@ -350,6 +388,7 @@ class Trainer:
         for chunk in model:
             chunk.eval()
         seq_length, micro_batch_size = session.micro_batch_shape
+        iterators = self._prepared(session, iterators, self.config.train.eval_iters, None)
         with torch.no_grad():
             losses = session.forward_backward(forward_step_func=session.forward_step, data_iterator=iterators,
                                               model=model, num_microbatches=self.config.train.eval_iters,
@@ -364,10 +403,12 @@ class Trainer:
         cfg = self.config
         meta = {"hf_config": self.hf, "config": config_to_dict(cfg),
                 "megatron_core": installed_version("megatron-core"),  # not megatron.core.__version__ (git-derived)
-                "parallel": config_to_dict(cfg.parallel), "consumed_samples": session.consumed_samples}
+                "parallel": config_to_dict(cfg.parallel), "consumed_samples": session.consumed_samples,
+                **adapter_checkpoint_meta(self.start, cfg)}  # LoRA/DoRA: adapters only, on the recorded base
         assets = cfg.data.tokenizer or (self.load_dir / HF_ASSETS if self.load_dir else None)
-        save_checkpoint(cfg.checkpoint.save, step, session.model, session.optimizer, session.scheduler, meta,
-                        hf_assets_source=assets)
+        with parameters_gathered(session.model):  # perf.overlap_param_gather: every rank's weights up to date
+            save_checkpoint(cfg.checkpoint.save, step, session.model, session.optimizer, session.scheduler, meta,
+                            hf_assets_source=assets)
         if dist.get_rank() == 0:  # only now that the new checkpoint is complete and `latest` names it
             print(f"megaswift: checkpoint saved to {iteration_dir(cfg.checkpoint.save, step)} (step {step})",
                   flush=True)

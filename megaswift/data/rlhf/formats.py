@@ -80,7 +80,8 @@ def normalise_pair(row: dict, fmt: str, where: str) -> dict:
     if fmt in PAIR_FORMATS and not (isinstance(row, dict) and all(k in row for k in PAIR_FORMATS[fmt])):
         found = f"keys {sorted(row)}" if isinstance(row, dict) else repr(row)[:80]
         raise SampleFormatError(where, f"a {fmt}-format row with keys {list(PAIR_FORMATS[fmt])} (the format "
-                                       f"detected from the dataset's first row); a rejected answer is required", found)
+                                       f"detected from the dataset's first row); a rejected answer is required",
+                                f"{found} (add it, or pass --data.skip_bad_rows to skip such rows)")
     chosen, rejected = _conversations(row, fmt, where)
     if chosen["messages"] == rejected["messages"]:
         raise SampleFormatError(where, "a rejected answer that differs from the chosen one", "the same answer twice")

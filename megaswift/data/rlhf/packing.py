@@ -10,6 +10,8 @@ unpacked rows give every sequence the same log-probabilities.
 Row keys: input_ids, labels, loss_scale, position_ids, cu_seqlens (as sft), plus
     sequence_ids   per token: 2k for the chosen of the row's pair k, 2k+1 for its rejected, -1 padding
     num_pairs
+    pair_index     [num_pairs] each pair's index in the encoded dataset (the key of precomputed
+                   reference log-probs), in sequence-id order
 `collate_pairs` stacks rows (sft's collate_packed) and renumbers sequence_ids across the micro-batch,
 which is what megaswift.objectives.sequence_logps consumes.
 """
@@ -60,6 +62,7 @@ class PairRowsDataset(torch.utils.data.Dataset):
             "cu_seqlens": cu_seqlens,
             "sequence_ids": torch.tensor(sequence_ids),
             "num_pairs": len(members),
+            "pair_index": torch.tensor(members, dtype=torch.long),
         }
 
 
@@ -71,4 +74,5 @@ def collate_pairs(rows: list[dict], with_attention_mask: bool = False) -> dict:
     ids = torch.stack([r["sequence_ids"] for r in rows])
     batch["sequence_ids"] = torch.where(ids >= 0, ids + 2 * offsets[:, None], ids)
     batch["num_pairs"] = sum(r["num_pairs"] for r in rows)
+    batch["pair_index"] = torch.cat([r["pair_index"] for r in rows])
     return batch
