@@ -39,6 +39,23 @@ def save_tiny_hf_model(preset: str, folder: Path, dtype: torch.dtype, tokenizer_
     return folder
 
 
+def lazily_converted(tmp_path_factory, tokenizer_dir: Path, models: dict[str, tuple[str, dict]], label: str):
+    """name -> (fp32 HF folder saved by transformers, its hf2mcore conversion), for the presets and overrides
+    `models` names; each built once, on first use (a fixture returns this)."""
+    from converters import hf2mcore
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            preset, overrides = models[name]
+            root = tmp_path_factory.mktemp(f"{label}-{name}")
+            hf_dir = save_tiny_hf_model(preset, root / "hf", torch.float32, tokenizer_dir, overrides=overrides)
+            hf2mcore(hf_dir, root / "mcore", verify=False, progress=False)
+            built[name] = hf_dir, root / "mcore"
+        return built[name]
+    return get
+
+
 def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

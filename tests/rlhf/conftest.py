@@ -2,11 +2,10 @@
 import json
 
 import pytest
-import torch
 
 from megaswift.config import SFTDataConfig
 
-from tests.converters.tiny_models import save_tiny_hf_model
+from tests.converters.tiny_models import lazily_converted
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
 # Two layers (PP=2 puts one on each stage); vocabularies that are not multiples of 128 x TP.
@@ -41,18 +40,7 @@ def prefs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rlhf_models(tmp_path_factory, tiny_tokenizer_dir):
     """name -> (HF folder made with transformers, its hf2mcore conversion); built once, on first use."""
-    from converters import hf2mcore
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            preset, overrides = MODELS[name]
-            root = tmp_path_factory.mktemp(f"rlhf-{name}")
-            hf_dir = save_tiny_hf_model(preset, root / "hf", torch.float32, tiny_tokenizer_dir, overrides=overrides)
-            hf2mcore(hf_dir, root / "mcore", verify=False, progress=False)
-            built[name] = hf_dir, root / "mcore"
-        return built[name]
-    return get
+    return lazily_converted(tmp_path_factory, tiny_tokenizer_dir, MODELS, "rlhf")
 
 
 @pytest.fixture(scope="session")

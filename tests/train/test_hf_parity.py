@@ -17,10 +17,9 @@ import argparse
 import json
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from tests.converters.tiny_models import save_tiny_hf_model
+from tests.converters.tiny_models import lazily_converted
 from tests.torchrun import run_torchrun
 from tests.train.hf_reference import AdamWSettings, evaluation_loss, train_reference
 from tests.train.runner import run_pt
@@ -75,18 +74,7 @@ def _assert_equal_to_reference(out, reference, label: str):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_tokenizer_dir):
     """name -> (HF folder made with transformers, its hf2mcore conversion); built once, on first use."""
-    from converters import hf2mcore
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            preset, overrides = MODELS[name]
-            root = tmp_path_factory.mktemp(f"parity-{name}")
-            hf_dir = save_tiny_hf_model(preset, root / "hf", torch.float32, tiny_tokenizer_dir, overrides=overrides)
-            hf2mcore(hf_dir, root / "mcore", verify=False, progress=False)
-            built[name] = hf_dir, root / "mcore"
-        return built[name]
-    return get
+    return lazily_converted(tmp_path_factory, tiny_tokenizer_dir, MODELS, "parity")
 
 
 # ---------------------------------------------------------------- pt, TP=1, with evaluation

@@ -19,13 +19,11 @@ import sys
 import numpy
 import torch
 
-from megaswift.config import SFTDataConfig
-from megaswift.data.data_paths import check_sft_paths
-from megaswift.data.micro_batches import SplitIterators
 from megaswift.data.rlhf.packing import PairRowsDataset, collate_pairs
 from megaswift.data.rlhf.preprocess import preprocess_pairs
 from megaswift.data.sft.packing import packed_seq_params
 from megaswift.data.sft.preprocess import SFTDataSettings
+from megaswift.data.sft.training_source import ChatDataSource
 from megaswift.data.sft.template import IGNORE_INDEX
 
 TOKEN_KEYS = ("tokens", "labels", "loss_mask", "loss_scale", "position_ids", "sequence_ids")
@@ -64,17 +62,8 @@ def collate_pair_rows(rows: list[dict], packed_attention: str) -> dict:
     return out
 
 
-class PairData(SplitIterators):
+class PairData(ChatDataSource):
     """Train / valid micro-batch iterators of preference pairs (preprocessing: data/rlhf/preprocess.py)."""
-
-    def __init__(self, data: SFTDataConfig, tokenizer, seed: int, micro_batch_size: int,
-                 packed_attention: str = "mask", model_vocab_size: int | None = None):
-        check_sft_paths(data.datasets, data.loss_scale)
-        self.data, self.tokenizer, self.seed, self.micro = data, tokenizer, seed, micro_batch_size
-        self.packed_attention = packed_attention
-        self.model_vocab_size = model_vocab_size
-        self._built = None
-        self.stats: dict = {}
 
     def collate(self, samples: list[dict]) -> dict:
         return collate_pair_rows(samples, self.packed_attention)

@@ -70,7 +70,10 @@ class TrainingRows(torch.utils.data.Dataset):
                 **{key: batch[key] for key in ("attention_mask", "cu_seqlens") if key in batch}}
 
 
-class SFTData(SplitIterators):
+class ChatDataSource(SplitIterators):
+    """What sft's and rlhf's data sources share: chat datasets (paths checked up front), the tokenizer, and
+    rows built once on first use (`_built`), with their preprocessing counts in `stats`."""
+
     def __init__(self, data: SFTDataConfig, tokenizer, seed: int, micro_batch_size: int,
                  packed_attention: str = "mask", model_vocab_size: int | None = None):
         check_sft_paths(data.datasets, data.loss_scale)
@@ -80,6 +83,8 @@ class SFTData(SplitIterators):
         self._built = None
         self.stats: dict = {}
 
+
+class SFTData(ChatDataSource):
     def collate(self, samples: list[dict]) -> dict:
         return collate_thd(samples) if self.data.packing and self.packed_attention == "thd" else stack_rows(samples)
 
