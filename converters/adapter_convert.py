@@ -20,9 +20,9 @@ from converters.errors import ConversionError
 from converters.mcore_layout import McoreLayout
 from converters.mcore_reader import McoreCheckpointReader
 from converters.mcore_writer import write_mcore_checkpoint
-from converters.peft_adapter import (ADAPTER_CONFIG, MODULES_TO_SAVE, PEFT_PREFIX, read_peft_config,
-                                     read_peft_tensors, split_modules_to_save, tuner_from_peft_config,
-                                     write_peft_adapter)
+from converters.peft_adapter import (ADAPTER_CONFIG, MODULES_TO_SAVE, PEFT_PREFIX, check_peft_can_load,
+                                     read_peft_config, read_peft_tensors, split_modules_to_save,
+                                     tuner_from_peft_config, write_peft_adapter)
 from megaswift.checkpointing.adapter import (ADAPTER_DIR, adapter_meta, base_record, is_adapter_tensor,
                                              recorded_base_path, recorded_tuner)
 from megaswift.checkpointing.integrity import FILES_KEY, record_files
@@ -83,6 +83,7 @@ def _hf_source_of_base(ckpt: Path, meta: dict) -> str | None:
 def export_peft_adapter(ckpt: Path, meta: dict, tmp: Path, base_name_or_path: str | None) -> dict:
     """Writes the PEFT folder into `tmp`; returns what it wrote, for the report."""
     tensors = peft_tensors_of(ckpt, meta)
+    check_peft_can_load(tensors, meta["hf_config"].get("model_type"), ckpt)
     write_peft_adapter(tmp, tensors, peft_config_of(ckpt, meta, base_name_or_path))
     return {"adapter_tensors": len(tensors)}
 

@@ -98,6 +98,35 @@ def split_modules_to_save(tensors: dict[str, torch.Tensor], modules_to_save: lis
     return lora, full
 
 
+def modules_peft_moves_to_experts(model_type: str | None) -> set[str]:
+    """HF module names that the installed PEFT, on transformers 5, maps onto an MoE model's fused routed-expert
+    parameters wherever they sit (its MoE target conversion, keyed by transformers' conversion pattern of the
+    model type): for those model types an adapter on a dense-layer or shared-expert `gate_proj` would load
+    into the routed experts, or be ignored, without an error. Empty for other model types and for PEFT
+    versions without that conversion."""
+    try:
+        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
+                                                               _MOE_TARGET_MODULE_MAPPING)
+    except ImportError:
+        return set()
+    return set(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
+
+
+def check_peft_can_load(tensors: dict[str, torch.Tensor], model_type: str | None, ckpt: Path) -> None:
+    """Refuses to write a PEFT folder that PeftModel would load wrongly (modules_peft_moves_to_experts)."""
+    moved = modules_peft_moves_to_experts(model_type)
+    hit = sorted({key.split(".lora_")[0] for key in tensors
+                  if ".lora_" in key and key.split(".lora_")[0].rsplit(".", 1)[-1] in moved})
+    if hit:
+        import peft
+        raise ConversionError(
+            f"{ckpt}: this adapter adapts {len(hit)} MLP modules of a {model_type} model ({hit[0][len(PEFT_PREFIX):]}"
+            f" ...); PEFT {peft.__version__} with transformers 5 loads {sorted(moved)} of {model_type} models as the "
+            f"routed experts' fused parameters, so PeftModel would misplace or ignore these tensors without an "
+            f"error. Export the merged model instead (`megaswift convert mcore2hf {ckpt} OUT --merge`), or train "
+            f"with targets that leave them out (e.g. --tuner.targets q_proj,k_proj,v_proj,o_proj)")
+
+
 def write_peft_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(folder / ADAPTER_WEIGHTS),

@@ -17,7 +17,7 @@ from megaswift.models.families.rules import dims_of
 from megaswift.models.families.transforms import Dims
 from megaswift.tuners.lora_layer import (AdaptedColumnParallelLinear, AdaptedRowParallelLinear, LinearAdapter,
                                          lora_scaling)
-from megaswift.tuners.targets import LINEAR_NAMES, select_targets
+from megaswift.tuners.targets import LINEAR_NAMES, check_row_move, select_targets
 
 TUNER_TYPES = ("full", "lora", "dora")
 ADAPTER = ".adapter."
@@ -88,6 +88,7 @@ def _adapt(module, global_name: str, linear, parts, tuner: TunerConfig, dims: Di
     column = isinstance(module, ColumnParallelLinear)
     out_local, in_local = module.weight.shape
     local_dims = Dims(dims.num_heads // tp, dims.num_query_groups // tp, dims.head_dim, dims.vocab_size)
+    check_row_move(linear, local_dims, (out_local, in_local))
     meta = torch.empty((out_local, in_local), device="meta")
     part_rows = {name: t.shape[0] for name, t in zip(linear.parts, linear.transform.to_hf(meta, local_dims))} \
         if len(linear.parts) > 1 else {linear.parts[0]: out_local}

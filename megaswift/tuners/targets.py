@@ -1,23 +1,34 @@
 """Which megatron-core linear layers an adapter config targets, and which HF modules each one fuses.
 
 Everything here is read from the family's conversion rules (`family.tensor_mappings(view)`): a rule whose
-megatron-core tensor is the weight of a linear layer (linear_qkv, linear_proj, linear_fc1, linear_fc2)
-names the HF modules fused into it, in rule order, and the transform that places their rows. So a
-family added with its rules gets LoRA on the same modules without a second table.
+megatron-core tensor is the weight of a linear layer (linear_qkv, linear_proj, linear_fc1, linear_fc2, and
+multi-latent attention's q/kv down and up projections) names the HF modules fused into it, in rule order,
+and the transform that places their rows. So a family added with its rules gets LoRA on the same modules
+without a second table. An adapter part is exact only where that transform moves whole rows (each HF row
+lands in exactly one megatron row, values untouched): then B's rows and DoRA's magnitude follow the
+same placement. Any other transform is refused by module name (`check_row_move`), never approximated.
 
 Target names follow PEFT: a name matches an HF module whose path (relative to the layer) equals it or
 ends with `.name`, so `q_proj`, `self_attn.q_proj` and `shared_expert.gate_proj` all work; `all-linear`
 is every supported linear module. Routed MoE experts are refused: transformers 5 keeps them as fused
-3-D parameters, which PEFT's LoRA does not target, so no adapter could be exchanged.
+3-D parameters, which PEFT adapts (if at all) as one fused parameter, not per expert linear, so no
+adapter could be exchanged. (PEFT 0.21 on transformers 5 turns any `gate_proj`/`up_proj`/`down_proj`
+target of a Qwen2-MoE-like model type, glm4_moe and deepseek_v3 included, into those fused parameters.)
 """
 from dataclasses import dataclass
+
+import torch
 
 from megaswift.config import ConfigError
 from megaswift.models.families import family_of, hf_view
 from megaswift.models.families.rules import TensorMapping
-from megaswift.models.families.transforms import Transform
+from megaswift.models.families.transforms import Dims, Transform
 
-LINEAR_NAMES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# megatron-core's linear layers an HF module can be converted into: GPT attention and MLPs, and multi-latent
+# attention's projections. Only linear_proj and linear_fc2 are row-parallel; MLA's down projections are
+# column-parallel like the rest (MLA gathers their outputs over TP itself), so the adapter needs nothing more.
+LINEAR_NAMES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "linear_q_proj", "linear_q_down_proj",
+                "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
 ROUTED_EXPERTS = ".experts.local_experts."
 ALL_LINEAR = "all-linear"
 
@@ -37,6 +48,33 @@ class FusedLinear:
     @property
     def routed_expert(self) -> bool:
         return ROUTED_EXPERTS in self.mcore
+
+
+def check_row_move(linear: FusedLinear, dims: Dims, shape: tuple[int, ...]) -> None:
+    """ConfigError naming the HF modules unless the rule's transform, at this (local) weight shape, moves
+    whole rows: values unchanged, every row of each HF module placed exactly once, every megatron row
+    filled exactly once. Only then is the adapter of each HF module (PEFT's A, B, magnitude) exact."""
+    why = None
+    if linear.transform.values is not None:
+        why = "changes values"
+    else:
+        placement = linear.transform.placement(dims, tuple(shape))
+        filled = torch.zeros(shape[0], dtype=torch.int64)
+        for blocks in placement:
+            # to_hf gathers a module's rows by source row: they must follow one another from row 0
+            next_src = 0
+            for src, dst, rows in sorted(blocks):
+                if src != next_src:
+                    why = "does not place every row of each HF module exactly once"
+                next_src = src + rows
+                filled[dst:dst + rows] += 1
+        if why is None and not bool((filled == 1).all()):
+            why = "leaves megatron-core rows empty or fills some twice"
+    if why:
+        raise ConfigError(
+            f"tuner.targets: {', '.join(linear.hf_modules)} cannot be adapted: the conversion into {linear.mcore} "
+            f"({linear.transform.name}) {why}, so PEFT's per-module lora_B / magnitude rows have no exact place "
+            "in the megatron-core layer. Leave these modules out of tuner.targets (list the others by name).")
 
 
 def _is_linear_weight(mapping: TensorMapping) -> bool:
@@ -95,8 +133,8 @@ def select_targets(hf: dict, targets: str) -> dict[str, tuple[FusedLinear, tuple
         if routed:
             raise ConfigError(
                 f"tuner.targets: {name!r} matches routed MoE experts ({routed[0]}, ...); LoRA on routed experts "
-                "is not supported (transformers 5 fuses expert weights into 3-D parameters, which PEFT's LoRA "
-                f"cannot target). Target the attention and shared-expert modules instead, e.g. {ALL_LINEAR} or "
+                "is not supported (transformers 5 fuses expert weights into 3-D parameters, which PEFT adapts only "
+                f"as one fused parameter). Target the attention and shared-expert modules instead, e.g. {ALL_LINEAR} or "
                 f"{', '.join(n for n in valid_target_names(hf) if '.' in n)}")
         if not hits:
             raise ConfigError(f"tuner.targets: unknown module name {name!r} for {family_of(hf).name}; valid names: "

@@ -193,3 +193,45 @@ def test_merge_of_a_full_checkpoint_is_refused(imported, tmp_path):
     with pytest.raises(ConversionError, match="full checkpoint"):
         mcore2hf(adapters["dora"][1], tmp_path / "out", progress=False, merge=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_mlp_adapter_peft_would_misplace_is_refused(tiny_tokenizer_dir, tmp_path):
+    """Why mcore2hf refuses: on model types whose MoE layout transformers 5 converts (GLM-4.5, DeepSeek-V3,
+    Qwen3-MoE, ...), PEFT maps `gate_proj` / `up_proj` / `down_proj` to the routed experts' fused parameters
+    even in a dense layer, so a PEFT folder adapting the dense MLP loads without error and without effect.
+    This test fails when PEFT loads it faithfully; the refusal can then go."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from converters.peft_adapter import check_peft_can_load, modules_peft_moves_to_experts
+
+    hf_dir = save_tiny_hf_model("tiny-glm4-moe", tmp_path / "hf", torch.float32, tiny_tokenizer_dir)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    tensors, adapted = {}, AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    for name in ("gate_proj", "up_proj"):  # PEFT refuses one of the two fused names alone
+        dense = getattr(base.model.layers[0].mlp, name)  # first_k_dense_replace=1: layer 0 is a dense MLP
+        a, b = torch.randn(4, dense.in_features), torch.randn(dense.out_features, 4)
+        tensors.update({f"base_model.model.model.layers.0.mlp.{name}.lora_A.weight": a,
+                        f"base_model.model.model.layers.0.mlp.{name}.lora_B.weight": b})
+        with torch.no_grad():  # what the adapter means: W + (alpha / r) B A on the dense layer
+            getattr(adapted.model.layers[0].mlp, name).weight.add_(2.0 * b @ a)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["gate_proj", "up_proj"], "base_model_name_or_path": str(hf_dir)}))
+    with torch.no_grad():
+        meant = adapted(input_ids=TOKENS).logits
+        loaded = PeftModel.from_pretrained(base, adapter).eval()(input_ids=TOKENS).logits
+    assert not torch.allclose(loaded, meant, atol=1e-3), "PEFT now applies dense-layer MLP adapters on glm4_moe"
+
+    assert {"gate_proj", "up_proj", "down_proj"} <= modules_peft_moves_to_experts("glm4_moe")
+    assert not modules_peft_moves_to_experts("llama")
+    attention = {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.zeros(1)}
+    check_peft_can_load(attention, "glm4_moe", tmp_path)  # attention-only adapters load fine
+    check_peft_can_load(tensors, "llama", tmp_path)
+    with pytest.raises(ConversionError, match=r"layers\.0\.mlp\.gate_proj .*--merge"):
+        check_peft_can_load(tensors, "glm4_moe", tmp_path)

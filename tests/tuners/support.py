@@ -15,6 +15,8 @@ PEFT_TARGETS = {
     "qwen2-moe": ["q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj", "shared_expert.up_proj",
                   "shared_expert.down_proj"],
 }
+# name -> (family, HF config overrides) for the tiny models that are a variant of a family's tiny preset
+VARIANTS = {"deepseek-v3-no-q-lora": ("deepseek-v3", {"q_lora_rank": None})}  # as V2-Lite and Moonlight
 TINY_OVERRIDES = {"num_hidden_layers": 2}
 RANK, ALPHA = 4, 16.0
 
@@ -62,6 +64,56 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
+
+
+# --- GLM-4.5 MoE / DeepSeek-V3: PEFT's layers without PEFT's MoE target rewrite ----------------------
+# every module megaswift adapts with all-linear on these models (PEFT's suffix match, names with parents so
+# that nothing reaches the routed experts, which transformers 5 keeps as 3-D parameters anyway)
+MLP = [f"{parent}.{name}" for parent in ("mlp", "shared_experts") for name in ("gate_proj", "up_proj", "down_proj")]
+LAYER_TARGETS = {
+    "glm4-moe": ["q_proj", "k_proj", "v_proj", "o_proj", *MLP],
+    "deepseek-v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", *MLP],
+    "deepseek-v3-no-q-lora": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", *MLP],
+}
+
+
+class _Layers(torch.nn.Module):
+    """The HF model's decoder layers (shared, not copied) under a module without `config`."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.layers = hf_model.model.layers
+
+
+def peft_layers_reference(hf_dir, name: str, kind: str, seed: int = 7):
+    """(HF model with PEFT's adapters in its layers, the holder of those layers, the adapter as a PEFT
+    file's tensors); every adapter tensor random (B non-zero, magnitudes off their init).
+
+    PEFT's LoRA/DoRA layers are injected into a holder of the decoder layers that carries no `config`:
+    PEFT 0.21 on transformers 5 rewrites the targets of `glm4_moe` / `deepseek_v3` models (its v4->v5 MoE
+    conversion), turning every `gate_proj` / `up_proj` / `down_proj` target, however qualified
+    (`mlp.gate_proj`, `shared_experts.gate_proj`), into the routed experts' fused parameters, so through
+    get_peft_model the dense-layer and shared-expert MLPs cannot be targeted at all. The layers are
+    PEFT's own; only that rewrite is skipped."""
+    import peft
+
+    model = load_hf(hf_dir)
+    holder = _Layers(model)
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, use_rslora=True, use_dora=kind == "dora",
+                             target_modules=LAYER_TARGETS[name], lora_dropout=0.0)
+    peft.inject_adapter_in_model(config, holder)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in holder.named_parameters():
+            if "lora_A" in pname:
+                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) / p.shape[1] ** 0.5)
+            elif "lora_B" in pname:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+            elif "lora_magnitude_vector" in pname:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    state = {f"base_model.model.model.{k}": v.detach().clone()
+             for k, v in peft.get_peft_model_state_dict(holder).items()}
+    return model, holder, state
 
 
 # --- training reference: transformers + peft + torch AdamW --------------------------------------------

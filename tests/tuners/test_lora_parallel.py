@@ -1,6 +1,6 @@
-"""LoRA/DoRA at TP=2 (sequence parallel), PP=2 and EP=2 against PEFT, in ONE 2-process launch: logits
-with an imported PEFT adapter, 4 training steps against transformers + peft + torch AdamW, and the
-adapter's sharded checkpoint (saved at TP=2, loaded at PP=2)."""
+"""LoRA/DoRA at TP=2 (sequence parallel; llama and DeepSeek-V3's MLA), PP=2 and EP=2 against PEFT, in ONE
+2-process launch: logits with an imported PEFT adapter, 4 training steps against transformers + peft +
+torch AdamW, and the adapter's sharded checkpoint (saved at TP=2, loaded at PP=2)."""
 import json
 
 import torch
@@ -36,6 +36,14 @@ def test_tp_pp_ep_against_peft(tiny_base, tmp_path):
         with model.disable_adapter():
             assert (expected[family, kind] - support.hf_logits(model, toks)).abs().max() > 0.1  # the adapter matters
 
+    # multi-latent attention: its down projections' outputs are gathered over TP by MLA itself
+    mla_hf, mla_ckpt, mla = tiny_base("deepseek-v3")
+    mla_tokens = support.tokens_for(mla["vocab_size"])
+    torch.save(mla_tokens, tmp_path / "mla_tokens.pt")
+    mla_model, _, mla_state = support.peft_layers_reference(mla_hf, "deepseek-v3", "dora")
+    torch.save(mla_state, tmp_path / "deepseek-v3-dora.pt")
+    expected["deepseek-v3", "dora"] = support.hf_logits(mla_model, mla_tokens)
+
     batches = [support.tokens_for(llama["vocab_size"], batch=2, seq=33, seed=10 + i) for i in range(4)]
     torch.save(batches, tmp_path / "batches.pt")
     optim = support.Optim()
@@ -56,6 +64,7 @@ def test_tp_pp_ep_against_peft(tiny_base, tmp_path):
         case("pp2_llama_dora", "llama", "dora", llama_ckpt, "tokens.pt", pp=2, adapter=None,
              adapter_ckpt_load=str(tmp_path / "adapter_ckpt")),
         case("ep2_moe_dora", "qwen2-moe", "dora", moe_ckpt, "moe_tokens.pt", ep=2),
+        case("tp2_sp_mla_dora", "deepseek-v3", "dora", mla_ckpt, "mla_tokens.pt", tp=2, sp=True),
     ]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"cases": cases}))
