@@ -36,7 +36,7 @@ from megaswift.train.metrics import (MetricsLogger, default_output_dir, device_p
                                      write_run_config)
 from megaswift.train.optimizer import (build_optimizer, build_scheduler, ddp_config_for, parameters_gathered,
                                       wrap_with_ddp)
-from megaswift.tuners import apply_tuner
+from megaswift.tuners import apply_tuner, check_tuner_settings
 from megaswift.train.nonfinite import SkippedSteps
 from megaswift.train.preemption import StopRequest
 from megaswift.train.resume import (adapter_checkpoint_meta, changed_settings, check_adapter_start,
@@ -160,6 +160,7 @@ class Trainer:
         self.setting_changes = changed_settings(self.start.recorded_config(), config) if self.start.resumed else []
         check_resume_changes(self.start, self.setting_changes)
         check_adapter_start(self.start, config)  # LoRA/DoRA: a base to save against, unchanged adapter settings
+        check_tuner_settings(config.tuner, self.hf)  # type, rank, targets and modules_to_save against the model
         world = world_from_env()
         layer_spec = resolve_layer_spec(config.model.layer_spec)  # te, torch or local
         te = layer_spec == "te"

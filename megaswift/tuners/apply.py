@@ -34,6 +34,15 @@ def check_tuner_config(tuner: TunerConfig) -> None:
         raise ConfigError(f"tuner.dropout must be in [0, 1), found {tuner.dropout}")
 
 
+def check_tuner_settings(tuner: TunerConfig, hf: dict) -> None:
+    """What can be checked from the settings and the HF config alone (type, rank, targets, modules_to_save),
+    so the Trainer refuses bad tuner flags before any process starts (`megaswift launch` included)."""
+    check_tuner_config(tuner)
+    if tuner.type != "full":
+        select_targets(hf, tuner.targets)
+        modules_to_save_params(hf, tuner.modules_to_save)
+
+
 def modules_to_save_params(hf: dict, modules_to_save: list[str]) -> set[str]:
     """megatron-core parameter names trained in full, from the family's rules for the HF modules named
     (embed_tokens -> embedding.word_embeddings.weight, lm_head -> output_layer.weight)."""

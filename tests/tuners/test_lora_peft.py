@@ -133,3 +133,11 @@ def test_refusals():
     # only the parts named are adapted; the others of a fused layer stay without adapter
     chosen = select_targets(preset_hf_config("tiny-llama"), "q_proj,v_proj,up_proj")
     assert {parts for _, parts in chosen.values()} == {("q_proj", "v_proj"), ("up_proj",)}
+
+
+def test_launch_refuses_bad_tuner_targets_before_starting_any_process(tmp_path):
+    """Tuner targets are checked against the model's family at preflight, not after the processes start."""
+    from megaswift.cli.preflight import PreflightError, check_launched_command
+    with pytest.raises(PreflightError, match=r"unknown module name 'qproj' for llama; valid names: all-linear"):
+        check_launched_command(("-m", "megaswift", "pt", "--tuner.type", "lora", "--tuner.targets", "q_proj,qproj",
+                                "--logging.output_dir", str(tmp_path)), world_size=2)
