@@ -157,6 +157,14 @@ def _refused(hf_dir, adapter, out) -> str:
     return str(error.value)
 
 
+def _with_config(adapter, copy, **changes):
+    """A copy of a PEFT adapter folder with `changes` made to its adapter_config.json."""
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
 def test_adapter_of_another_base_is_refused(imported, tiny_tokenizer_dir, tmp_path):
     hf_dir, adapters = imported
     other = save_tiny_hf_model("tiny-llama", tmp_path / "wider", torch.float32, tiny_tokenizer_dir,
@@ -168,22 +176,14 @@ def test_adapter_of_another_base_is_refused(imported, tiny_tokenizer_dir, tmp_pa
 
 def test_unknown_target_module_is_refused_listing_valid_ones(imported, tmp_path):
     hf_dir, adapters = imported
-    adapter = tmp_path / "renamed"
-    shutil.copytree(adapters["rslora"][0], adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["target_modules"] = ["q_proj", "qkv_proj"]
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    adapter = _with_config(adapters["rslora"][0], tmp_path / "renamed", target_modules=["q_proj", "qkv_proj"])
     message = _refused(hf_dir, adapter, tmp_path / "out")
     assert "adapter_config.json" in message and "qkv_proj" in message and "gate_proj" in message, message
 
 
 def test_other_peft_type_is_refused(imported, tmp_path):
     hf_dir, adapters = imported
-    adapter = tmp_path / "ia3"
-    shutil.copytree(adapters["rslora"][0], adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["peft_type"] = "IA3"
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    adapter = _with_config(adapters["rslora"][0], tmp_path / "ia3", peft_type="IA3")
     message = _refused(hf_dir, adapter, tmp_path / "out")
     assert "adapter_config.json" in message and "peft_type" in message and "IA3" in message, message
 
