@@ -403,8 +403,8 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer=None, schedule
     check_model_kind(ckpt_dir, meta, adapters, optimizer is not None)
     if adapters:  # the frozen base first: the checkpoint itself (a full one) or the one it records
         base = resolve_base(ckpt_dir, meta) if adapter_checkpoint else ckpt_dir
-        if adapter_checkpoint:
-            _check_base_intact(base, ckpt_dir)
+        if adapter_checkpoint and verify:  # callers that verified up front (the Trainer) pass verify=False
+            check_base_intact(base, ckpt_dir)
         base_weights = _load_model_weights(base, chunks, _base_weight)
         if not adapter_checkpoint:
             from megaswift.tuners import init_dora_magnitudes
@@ -463,7 +463,7 @@ def check_model_kind(ckpt_dir: Path, meta: dict, adapters: bool, with_optimizer:
             f"(its weights only)")
 
 
-def _check_base_intact(base: Path, adapter_dir: Path) -> None:
+def check_base_intact(base: Path, adapter_dir: Path) -> None:
     problems = damaged_files(base)
     if problems:
         raise CheckpointError(f"the base checkpoint {base} of the adapter checkpoint {adapter_dir} is damaged: "

@@ -33,7 +33,7 @@ from megaswift.config import ConfigError
 from megaswift.objectives.base import RunPlan, micro_batch_shape, totals_record
 from megaswift.objectives.preference_losses import (DPO_LOSS_TYPES, REFERENCE_FREE_TYPES, PreferenceLossConfig,
                                                     SequenceLogps, preference_loss, sequence_logps)
-from megaswift.train.forward_step import batch_to_device
+from megaswift.train.forward_step import batch_to_device, model_forward, token_weights
 
 RLHF_TYPES = ("dpo",) + REFERENCE_FREE_TYPES
 REFERENCE_SOURCES = ("model", "precomputed", "adapters")
@@ -58,11 +58,6 @@ def loss_config(rlhf) -> PreferenceLossConfig:
         raise ConfigError(f"rlhf: {e}") from None
 
 
-def token_weights(batch: dict) -> torch.Tensor:
-    weights = batch["loss_mask"].float()
-    return weights * batch["loss_scale"].float()
-
-
 def trained_chosen_tokens(batch: dict) -> int:
     """Chosen tokens with a non-zero weight: the NLL term's denominator (data only, no forward)."""
     ids = batch["sequence_ids"]
@@ -77,13 +72,6 @@ def policy_token_logps(batch: dict, output: torch.Tensor, use_fused_loss: bool, 
     ce = loss_scaled_cross_entropy(output.reshape(-1, output.shape[-1]), batch["labels"].reshape(-1),
                                    tp_group=parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return -ce.reshape(batch["labels"].shape)
-
-
-def model_forward(model, batch: dict, use_fused_loss: bool):
-    kwargs = {"labels": None if use_fused_loss else batch["labels"]}
-    if "packed_seq_params" in batch:
-        kwargs["packed_seq_params"] = batch["packed_seq_params"]
-    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **kwargs)
 
 
 def batch_logps(batch: dict, output, use_fused_loss: bool, vocab_size: int | None) -> SequenceLogps:

@@ -52,8 +52,8 @@ def _forward_only(step, chunks, forward_step, batches_per_chunk: list[list[dict]
 
 def _logps_writer(objective):
     """A forward step whose loss function stores the micro-batch's per-pair log-probs in the batch dict."""
-    from megaswift.objectives.dpo import batch_logps, model_forward
-    from megaswift.train.forward_step import batch_to_device
+    from megaswift.objectives.dpo import batch_logps
+    from megaswift.train.forward_step import batch_to_device, model_forward
     fused, vocab = objective.plan.config.train.fused_loss, objective.plan.hf["vocab_size"]
 
     def forward_step(data_iterator, model):
@@ -108,11 +108,7 @@ class DisabledAdapters:
     """rlhf.reference=adapters: the policy with its LoRA adapters switched off."""
 
     def __init__(self, objective, step):
-        try:
-            from megaswift.tuners import adapters_disabled
-        except ImportError:
-            raise ConfigError("rlhf.reference=adapters needs megaswift.tuners.adapters_disabled (LoRA), which "
-                              "this installation lacks; use --rlhf.reference model or precomputed") from None
+        from megaswift.tuners import adapters_disabled
         if objective.plan.config.tuner.type == "full":
             raise ConfigError("rlhf.reference=adapters: the run trains every weight (tuner.type=full), so there "
                               "are no adapters to disable; use --rlhf.reference model or precomputed, or "

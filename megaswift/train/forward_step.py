@@ -38,14 +38,14 @@ def batch_to_device(batch: dict) -> dict:
     return moved
 
 
-def _token_weights(batch: dict) -> torch.Tensor:
+def token_weights(batch: dict) -> torch.Tensor:
     """loss_mask (which tokens count) times the optional per-token loss scale (SFT agent data)."""
     weights = batch["loss_mask"].float()
     return weights if batch.get("loss_scale") is None else weights * batch["loss_scale"].float()
 
 
 def loss_func(batch: dict, use_fused_loss: bool, vocab_size: int | None, output: torch.Tensor):
-    weights = _token_weights(batch)
+    weights = token_weights(batch)
     if use_fused_loss:
         # output: this rank's vocab shard of the logits, [b, s, v/tp]; one fused pass, weights included.
         from megaswift.kernels import loss_scaled_cross_entropy
@@ -61,13 +61,18 @@ def loss_func(batch: dict, use_fused_loss: bool, vocab_size: int | None, output:
     return loss_sum, num_tokens, {TOTALS: report}
 
 
+def model_forward(model, batch: dict, use_fused_loss: bool):
+    """The model's output for a micro-batch: per-token CE from GPTModel given the labels, or this rank's vocab
+    shard of the logits for the fused loss."""
+    kwargs = {"labels": None if use_fused_loss else batch["labels"]}
+    if "packed_seq_params" in batch:
+        kwargs["packed_seq_params"] = batch["packed_seq_params"]
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **kwargs)
+
+
 def make_forward_step(use_fused_loss: bool = False, vocab_size: int | None = None):
     """vocab_size: the model's true vocabulary size (the HF config's), without megatron's padding."""
     def forward_step(data_iterator, model):
         batch = batch_to_device(next(data_iterator))
-        kwargs = {"labels": None if use_fused_loss else batch["labels"]}
-        if "packed_seq_params" in batch:
-            kwargs["packed_seq_params"] = batch["packed_seq_params"]
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **kwargs)
-        return output, partial(loss_func, batch, use_fused_loss, vocab_size)
+        return model_forward(model, batch, use_fused_loss), partial(loss_func, batch, use_fused_loss, vocab_size)
     return forward_step

@@ -20,7 +20,7 @@ from megaswift.checkpointing.integrity import intact_checkpoint
 from megaswift.checkpointing.layout import HF_ASSETS, iteration_dir, read_meta
 from megaswift.checkpointing.lock import hold_checkpoint_folder
 from megaswift.checkpointing.retention import apply_retention, check_retention_settings
-from megaswift.checkpointing.state import load_checkpoint, save_checkpoint
+from megaswift.checkpointing.state import check_base_intact, load_checkpoint, save_checkpoint
 from megaswift.config import ConfigError, config_to_dict
 from megaswift.config.validate import packed_attention, validate_choices, validate_layout
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
@@ -240,6 +240,8 @@ class Trainer:
         if intact != self.load_dir:
             self.start = dataclasses.replace(self.start, folder=intact, meta=read_meta(intact))
             self.load_dir = intact
+        if self.start.base is not None and self.start.base != self.load_dir:  # an adapter checkpoint's frozen base
+            check_base_intact(self.start.base, self.load_dir)
 
     def _build(self):
         """Model chunks wrapped in DDP, optimizer and schedule, with megatron-core's schedule hooks set."""

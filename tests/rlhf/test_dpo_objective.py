@@ -21,7 +21,8 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 from megaswift.config import ConfigError  # noqa: E402
 from megaswift.config.sections import RLHFConfig  # noqa: E402
 from megaswift.objectives.base import TOTALS  # noqa: E402
-from megaswift.objectives.dpo import PreferenceObjective, batch_logps, model_forward  # noqa: E402
+from megaswift.objectives.dpo import PreferenceObjective, batch_logps  # noqa: E402
+from megaswift.train.forward_step import model_forward  # noqa: E402
 from megaswift.objectives.preference_losses import SequenceLogps  # noqa: E402
 from tests.objectives.test_preference_losses import cpo_self, trl_dpo_loss, trl_self  # noqa: E402
 from tests.rlhf.trl_pairs import trl_examples  # noqa: E402
