@@ -6,7 +6,8 @@ the same global batch of rows: `megaswift rlhf` (each pair's chosen and rejected
 and the rejected conversation as two samples). Runs alternate (sft, dpo, sft, dpo, ...) in child
 processes so machine noise hits both alike; each reports its median step time after warm-up (the first
 steps, including the reference pass of the precomputed run, are left out). Peak memory is the child's
-max RSS (CPU) or torch's peak allocation (GPU).
+max RSS (CPU) or torch's peak allocation (GPU). The frozen copy's memory is measured on a model large
+enough to show it by benchmarks/dpo_memory.py (here its ~13 MiB of weights are below RSS noise).
 
     python benchmarks/dpo_step.py [--rounds 3] [--steps 12] [--pairs 256]
 

@@ -2,9 +2,10 @@
 
     model        a frozen copy of the starting checkpoint (checkpoint.load; without one, the policy's
                  weights before the first step), held beside the policy (its weights only: no gradients,
-                 no optimizer state). Before each step's training schedule, megatron-core's
-                 forward-backward function runs it with forward_only=True over the same micro-batches,
-                 so every layout the policy runs (TP, PP, VPP, SP, EP) runs the reference too.
+                 no optimizer state; measured by benchmarks/dpo_memory.py). Before each step's training
+                 schedule, megatron-core's forward-backward function runs it with forward_only=True over the
+                 same micro-batches, so every layout the policy runs (TP, PP, VPP, SP, EP) runs the
+                 reference too.
     precomputed  one forward-only pass of the starting policy over every pair of the data before the first
                  step; the per-pair sums are gathered on every rank, kept as a table keyed by the pair's
                  index in its split, and stored as `reference_logps.pt` in the run's folder

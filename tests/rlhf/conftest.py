@@ -8,10 +8,11 @@ from megaswift.config import SFTDataConfig
 from tests.converters.tiny_models import lazily_converted
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-# Two layers (PP=2 puts one on each stage); vocabularies that are not multiples of 128 x TP.
+# Llama: four layers, so PP=2 x VPP=2 holds one per virtual stage and every layout compares with the same
+# one-process run; the MoE model two (PP is not run on it). Vocabularies are not multiples of 128 x TP.
 PACKED_SEQ = 256  # two or three of the pairs below per packed row
 MODELS = {
-    "llama": ("tiny-llama3", {"num_hidden_layers": 2, "vocab_size": 1037}),
+    "llama": ("tiny-llama3", {"num_hidden_layers": 4, "vocab_size": 1037}),
     "moe": ("tiny-qwen2-moe", {"num_hidden_layers": 2, "vocab_size": 1100}),
 }
 

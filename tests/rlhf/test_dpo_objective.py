@@ -40,7 +40,8 @@ def megatron_outputs(rlhf_models, pairs_batch):
     from megaswift.models import hf_to_transformer_config
     from megaswift.models.builder import build_model_chunks
     from megaswift.models.families import preset_hf_config
-    preset, overrides = ("tiny-llama3", {"num_hidden_layers": 2, "vocab_size": 1037})
+    from tests.rlhf.conftest import MODELS
+    preset, overrides = MODELS["llama"]
     hf = {**preset_hf_config(preset), **overrides}
     _, mcore_dir = rlhf_models("llama")
     with single_process_model_parallel():

@@ -66,3 +66,21 @@ def test_an_unknown_loss_type_is_refused_before_training(tiny_tokenizer_dir, tmp
     assert main(_flags(data, tiny_tokenizer_dir, tmp_path / "out", "--rlhf.loss", "kto")) == 2
     assert "rlhf.loss: expected one of ['sigmoid', 'cdpo', 'robust', 'hinge', 'ipo'] with rlhf.type dpo, found 'kto'" \
         in capsys.readouterr().err
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_refused(tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megaswift.config import ConfigError, SFTDataConfig
+    from megaswift.data.rlhf.training_source import PairData
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [ROW, {**ROW, "chosen": "Zebra quokka xylophone."}]))
+    config = SFTDataConfig(datasets=[str(data)], tokenizer=str(tiny_tokenizer_dir), seq_length=128)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    source = lambda vocab: PairData(config, tokenizer, 0, 1, model_vocab_size=vocab)  # seed 0, micro-batch 1
+    pairs = source(None).split_rows()[0].dataset
+    largest = max(max(row[f"{side}_input_ids"]) for row in pairs for side in ("chosen", "rejected"))
+    with pytest.raises(ConfigError, match=rf"rlhf data: the tokenizer .* gives token id {largest} \(in {data}\), but "
+                                          rf"the model's vocabulary has {largest} ids"):
+        source(largest).split_rows()
+    source(largest + 1).split_rows()

@@ -10,9 +10,15 @@ epoch of the 8 pairs, so every layout of rows trains the same pairs at every ste
     packed  --rlhf.reference precomputed, --data.packing (several pairs per row, another micro-batch
             size), stopped after 2 steps and resumed: the same losses (the table is written to the run's
             folder once and read back on resume).
+    sigterm the `model` run's settings, SIGTERM after its first logged step: it finishes the step, saves it,
+            exits 0; the same command resumes, and every step equals the uninterrupted `model` run bit for bit.
+Several 2-process layouts (TP+SP, PP, PP x VPP, EP, LoRA) run in one torchrun launch (layouts_worker.py).
 """
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,8 +30,10 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 from tests.objectives.test_preference_losses import trl_self  # noqa: E402
 from tests.rlhf.conftest import PACKED_SEQ  # noqa: E402
 from tests.rlhf.trl_pairs import trl_examples  # noqa: E402
+from tests.torchrun import child_env  # noqa: E402
 from tests.train.hf_reference import AdamWSettings, adamw_for  # noqa: E402
 from tests.train.runner import run_pt  # noqa: E402
+from tests.train.test_faults import _steps_logged, _wait_for  # noqa: E402
 
 STEPS, PAIRS, ALPHA, BETA = 4, 8, 0.5, 0.1
 ADAMW = AdamWSettings(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=1.0)
@@ -116,6 +124,36 @@ def test_packed_rows_with_precomputed_reference_train_the_same(model_run, rlhf_m
             assert packed[step][name] == pytest.approx(model_run[step][name], rel=1e-5, abs=1e-7), (step, name)
 
 
+def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(model_run, rlhf_models, prefs, tiny_tokenizer_dir,
+                                                               tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint of exactly that step is saved, the exit
+    status is 0; the same command then resumes from it (the frozen copy reloaded from checkpoint.load) and
+    every step, before and after the signal, equals the uninterrupted run's bit for bit."""
+    from megaswift.checkpointing.layout import read_latest
+    _, mcore_dir = rlhf_models("llama")
+    ckpt = tmp_path / "ckpt"
+    run = lambda out, steps: flags(mcore_dir, prefs, tiny_tokenizer_dir, out, **{  # model_run's settings
+        "data.seq_length": 128, "train.micro_batch_size": 2, "train.global_batch_size": PAIRS,
+        "train.train_iters": steps, "checkpoint.save": ckpt})
+    # The thread count of run_pt (model_run's), so the float reductions are the same ones.
+    proc = subprocess.Popen([sys.executable, *RLHF, *run(tmp_path / "signalled", 10_000)],
+                            env=child_env(OMP_NUM_THREADS="2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: _steps_logged(tmp_path / "signalled") >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-4000:]
+    signalled = records(tmp_path / "signalled")
+    last = max(signalled)
+    assert sorted(signalled) == list(range(1, last + 1)) and read_latest(ckpt) == last
+    assert last < STEPS, f"the run reached step {last} before the SIGTERM landed; nothing is left to resume"
+    run_pt(run(tmp_path / "resumed", STEPS), command=RLHF)
+    resumed = records(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(last + 1, STEPS + 1))
+    for step, record in {**signalled, **resumed}.items():
+        for name in ("loss", "grad_norm", "nll", "rewards/margins", "logps/rejected"):
+            assert record[name] == model_run[step][name], (step, name, record[name], model_run[step][name])
+
+
 def packed_rows(prefs, tokenizer_dir) -> int:
     from transformers import AutoTokenizer
 
@@ -132,6 +170,10 @@ LAYOUTS = {  # name -> (model, flags); one torchrun launch runs them all
     "tp2_sp_packed": ("llama", {"parallel.tensor": 2, "parallel.sequence_parallel": "true", "data.packing": "true",
                                 "data.seq_length": PACKED_SEQ, "train.micro_batch_size": 1}),
     "pp2": ("llama", {"parallel.pipeline": 2, "data.seq_length": 128, "train.micro_batch_size": 2}),
+    # interleaved 1F1B: each rank holds two model chunks (layers 0 and 2, or 1 and 3), the tied embedding's
+    # two copies sit in rank 0's first chunk and rank 1's last; the frozen copy is built the same way
+    "pp2_vpp2": ("llama", {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2, "data.seq_length": 128,
+                           "train.micro_batch_size": 2}),
     "ep2_precomputed": ("moe", {"parallel.expert": 2, "rlhf.reference": "precomputed", "data.seq_length": 128,
                                 "train.micro_batch_size": 2}),
     # LoRA (DP=2): the adapter-disabled policy as reference against the frozen copy of the base
@@ -142,7 +184,7 @@ LAYOUTS = {  # name -> (model, flags); one torchrun launch runs them all
 
 
 def test_tp2_pp2_ep2_equal_one_process(model_run, rlhf_models, prefs, tiny_tokenizer_dir, pairs_batch, tmp_path):
-    """TP=2 with SP (packed) and PP=2 equal the one-process run; EP=2 (Qwen2-MoE, DP=2, precomputed
+    """TP=2 with SP (packed), PP=2 and PP=2 x VPP=2 (frozen-copy reference) equal the one-process run; EP=2 (Qwen2-MoE, DP=2, precomputed
     reference) equals the plain TRL loop on the same transformers MoE model; a LoRA run with the
     adapter-disabled reference equals one with the frozen copy."""
     from tests.torchrun import run_torchrun

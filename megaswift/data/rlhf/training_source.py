@@ -22,8 +22,7 @@ import torch
 from megaswift.data.rlhf.packing import PairRowsDataset, collate_pairs
 from megaswift.data.rlhf.preprocess import preprocess_pairs
 from megaswift.data.sft.packing import packed_seq_params
-from megaswift.data.sft.preprocess import SFTDataSettings
-from megaswift.data.sft.training_source import ChatDataSource
+from megaswift.data.sft.training_source import ChatDataSource, check_sample_token_ids
 from megaswift.data.sft.template import IGNORE_INDEX
 
 TOKEN_KEYS = ("tokens", "labels", "loss_mask", "loss_scale", "position_ids", "sequence_ids")
@@ -74,24 +73,16 @@ class PairData(ChatDataSource):
 
     def _rows(self):
         if self._built is None:
-            settings = SFTDataSettings(datasets=tuple(self.data.datasets), max_length=self.data.seq_length,
-                                       loss_on=self.data.loss_on, loss_scale=self.data.loss_scale,
-                                       over_length=self.data.over_length, skip_bad_rows=self.data.skip_bad_rows,
-                                       seed=self.seed)
             # Deterministic, so every rank encodes the same pairs (not cached yet: see preprocess.py).
-            result = preprocess_pairs(settings, self.tokenizer, self.data.num_proc)
+            result = preprocess_pairs(self.data_settings(), self.tokenizer, self.data.num_proc)
             self.stats = result.stats
             if int(os.environ.get("RANK", "0")) == 0:
                 print(describe_pair_stats(result.stats), file=sys.stderr, flush=True)
-            pairs = result.dataset
-            if self.model_vocab_size is not None:
-                _check_token_ids(pairs, self.model_vocab_size, self.data.tokenizer)
-            n_valid = int(len(pairs) * self.data.valid_fraction)
-            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            make = lambda part: PairRowsDataset(part, self.data.seq_length, pad_id, self.data.packing)
-            train = make(pairs.select(range(n_valid, len(pairs))))
-            valid = make(pairs.select(range(n_valid))) if n_valid else None
-            self._built = (train, valid)
+            if self.model_vocab_size is not None:  # labels hold the same ids (or -100): input ids suffice
+                check_sample_token_ids(result.dataset, self.model_vocab_size, self.data.tokenizer, self.data.datasets,
+                                       columns=("chosen_input_ids", "rejected_input_ids"), what="rlhf data")
+            self._built = self.train_valid(result.dataset, lambda part, pad_id: PairRowsDataset(
+                part, self.data.seq_length, pad_id, self.data.packing))
         return self._built
 
     def _splits(self):
@@ -106,12 +97,3 @@ def describe_pair_stats(stats: dict) -> str:
     if stats.get("bad_row_examples"):
         line += "; skipped bad rows, e.g. " + "; ".join(stats["bad_row_examples"])
     return line
-
-
-def _check_token_ids(pairs, model_vocab_size: int, tokenizer_name) -> None:
-    from megaswift.config import ConfigError
-    largest = max((max(ids) for column in ("chosen_input_ids", "rejected_input_ids") for ids in pairs[column] if ids),
-                  default=-1)
-    if largest >= model_vocab_size:
-        raise ConfigError(f"rlhf data: the tokenizer {tokenizer_name} gives token id {largest}, but the model's "
-                          f"vocabulary has {model_vocab_size} ids; use the model's own tokenizer (--data.tokenizer)")

@@ -83,16 +83,28 @@ class ChatDataSource(SplitIterators):
         self._built = None
         self.stats: dict = {}
 
+    def data_settings(self) -> SFTDataSettings:
+        """What decides the encoded samples (or pairs): the data section's preprocessing fields."""
+        return SFTDataSettings(datasets=tuple(self.data.datasets), max_length=self.data.seq_length,
+                               loss_on=self.data.loss_on, loss_scale=self.data.loss_scale,
+                               over_length=self.data.over_length, skip_bad_rows=self.data.skip_bad_rows,
+                               seed=self.seed)
+
+    def train_valid(self, samples, make) -> tuple:
+        """(train, valid or None): the first valid_fraction of the encoded samples is the validation split;
+        `make(part, pad_id)` turns a part into rows."""
+        n_valid = int(len(samples) * self.data.valid_fraction)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        train = make(samples.select(range(n_valid, len(samples))), pad_id)
+        return train, (make(samples.select(range(n_valid)), pad_id) if n_valid else None)
+
 
 class SFTData(ChatDataSource):
     def collate(self, samples: list[dict]) -> dict:
         return collate_thd(samples) if self.data.packing and self.packed_attention == "thd" else stack_rows(samples)
 
     def _preprocess(self):
-        settings = SFTDataSettings(datasets=tuple(self.data.datasets), max_length=self.data.seq_length,
-                                   loss_on=self.data.loss_on, loss_scale=self.data.loss_scale,
-                                   over_length=self.data.over_length, skip_bad_rows=self.data.skip_bad_rows,
-                                   seed=self.seed)
+        settings = self.data_settings()
         cache = self.data.cache_dir or DEFAULT_CACHE
         run = lambda report: preprocess_sft(settings, self.tokenizer, cache, self.data.num_proc, report=report)
         if not dist.is_initialized():
@@ -120,24 +132,20 @@ class SFTData(ChatDataSource):
             samples = result.dataset
             if self.model_vocab_size is not None:
                 check_sample_token_ids(samples, self.model_vocab_size, self.data.tokenizer, self.data.datasets)
-            n_valid = int(len(samples) * self.data.valid_fraction)
-            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            make = lambda part: TrainingRows(part, self.data.seq_length, pad_id, self.data.packing, self.seed,
-                                             self.packed_attention)
-            train = make(samples.select(range(n_valid, len(samples))))
-            valid = make(samples.select(range(n_valid))) if n_valid else None
-            self._built = (train, valid)
+            self._built = self.train_valid(samples, lambda part, pad_id: TrainingRows(
+                part, self.data.seq_length, pad_id, self.data.packing, self.seed, self.packed_attention))
         return self._built
 
 
-def check_sample_token_ids(samples, model_vocab_size: int, tokenizer_name, datasets: list[str]) -> None:
+def check_sample_token_ids(samples, model_vocab_size: int, tokenizer_name, datasets: list[str],
+                           columns: tuple[str, ...] = ("input_ids", "labels"), what: str = "sft data") -> None:
     """ConfigError when an encoded token id is at or past the model's vocabulary (it would fail at step 1
-    inside the embedding); a max over the Arrow columns, no Python loop."""
+    inside the embedding); a max over the Arrow `columns` (lists of ids), no Python loop."""
     import pyarrow.compute as pc
-    largest = max(pc.max(pc.list_flatten(samples.data.column(name))).as_py() or -1 for name in ("input_ids", "labels"))
+    largest = max(pc.max(pc.list_flatten(samples.data.column(name))).as_py() or -1 for name in columns)
     if largest >= model_vocab_size:
         raise ConfigError(
-            f"sft data: the tokenizer {tokenizer_name} gives token id {largest} (in {', '.join(datasets)}), but the "
+            f"{what}: the tokenizer {tokenizer_name} gives token id {largest} (in {', '.join(datasets)}), but the "
             f"model's vocabulary has {model_vocab_size} ids (0..{model_vocab_size - 1}); training would fail at "
             f"step 1. Use the model's own tokenizer (--data.tokenizer), or a model with vocab_size > {largest}.")
 
