@@ -174,8 +174,9 @@ LAYOUTS = {  # name -> (model, flags); one torchrun launch runs them all
     # two copies sit in rank 0's first chunk and rank 1's last; the frozen copy is built the same way
     "pp2_vpp2": ("llama", {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2, "data.seq_length": 128,
                            "train.micro_batch_size": 2}),
+    # EP=2 over DP=2, with the optimizer state sharded over the two data-parallel ranks
     "ep2_precomputed": ("moe", {"parallel.expert": 2, "rlhf.reference": "precomputed", "data.seq_length": 128,
-                                "train.micro_batch_size": 2}),
+                                "train.micro_batch_size": 2, "parallel.distributed_optimizer": "true"}),
     # LoRA (DP=2): the adapter-disabled policy as reference against the frozen copy of the base
     **{f"lora_{reference}": ("llama", {"tuner.type": "lora", "model.layer_spec": "local", "rlhf.reference": reference,
                                        "data.seq_length": 128, "train.micro_batch_size": 2})
@@ -184,8 +185,8 @@ LAYOUTS = {  # name -> (model, flags); one torchrun launch runs them all
 
 
 def test_tp2_pp2_ep2_equal_one_process(model_run, rlhf_models, prefs, tiny_tokenizer_dir, pairs_batch, tmp_path):
-    """TP=2 with SP (packed), PP=2 and PP=2 x VPP=2 (frozen-copy reference) equal the one-process run; EP=2 (Qwen2-MoE, DP=2, precomputed
-    reference) equals the plain TRL loop on the same transformers MoE model; a LoRA run with the
+    """TP=2 with SP (packed), PP=2 and PP=2 x VPP=2 (frozen-copy reference) equal the one-process run; EP=2 (Qwen2-MoE, DP=2 with the distributed optimizer,
+    precomputed reference) equals the plain TRL loop on the same transformers MoE model; a LoRA run with the
     adapter-disabled reference equals one with the frozen copy."""
     from tests.torchrun import run_torchrun
     runs = []
