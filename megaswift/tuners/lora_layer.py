@@ -50,14 +50,14 @@ class LinearAdapter(nn.Module):
     """The adapter of one base linear layer: its parts plus how their outputs are laid out.
 
     `layout` is a LongTensor over the base layer's local output rows: the index of each row in
-    cat(part outputs..., [one filler]); rows of parts not targeted point at the filler (0 for the LoRA
-    output, 1 for DoRA's scale), so partially targeted fused layers stay exact."""
+    cat(targeted parts' rows..., [one filler]); rows of parts not targeted point at the filler (0 in B,
+    1 in DoRA's scale), so partially targeted fused layers stay exact."""
 
     def __init__(self, parallel: str, part_rows: dict[str, int], targeted: tuple[str, ...], in_features: int,
                  transform: Transform, dims: Dims, rank: int, scaling: float, dropout: float, dora: bool,
                  sequence_parallel: bool, tp_size: int, tp_group, dtype: torch.dtype):
         super().__init__()
-        self.parallel, self.scaling, self.dora, self.rank = parallel, scaling, dora, rank
+        self.parallel, self.scaling, self.dora = parallel, scaling, dora
         self.sequence_parallel, self.tp_size, self.tp_group = sequence_parallel, tp_size, tp_group
         self.part_rows, self.targeted, self.transform, self.dims = part_rows, targeted, transform, dims
         self.enabled = True  # adapters_disabled() turns it off: the layer then runs as the base
@@ -94,11 +94,20 @@ class LinearAdapter(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
     def _place(self, pieces: list[torch.Tensor], filler: float) -> torch.Tensor:
-        """The parts' outputs (last dim) in the base layer's local output layout."""
+        """Per-row tensors of the parts (dim 0: a part's rows) in the base layer's local output row order;
+        used on parameter-sized tensors only (B, DoRA's scale), never on activations."""
         if self.identity_layout:
             return pieces[0]
-        fill = pieces[0].new_full((*pieces[0].shape[:-1], 1), filler)
-        return torch.cat(pieces + [fill], dim=-1).index_select(-1, self.layout)
+        fill = pieces[0].new_full((1, *pieces[0].shape[1:]), filler)
+        return torch.cat(pieces + [fill], dim=0).index_select(0, self.layout)
+
+    def placed_b(self) -> torch.Tensor:
+        """Every part's B as one [local output rows, parts * r] matrix in the base layer's output layout:
+        part i's B in its own rows and columns i*r:(i+1)*r, zeros elsewhere (and in the rows of parts not
+        targeted). h @ placed_b().T is then the fused layer's LoRA output already in place: one matmul
+        into the output instead of per-part outputs concatenated and reordered at activation size."""
+        bs = [part.lora_B for _, part in self.parts()]
+        return self._place([torch.block_diag(*bs) if len(bs) > 1 else bs[0]], 0.0)
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """h = x A^T for every part, [s, b, parts*r], made whole (over TP, and SP's sequence shards)."""
@@ -113,12 +122,6 @@ class LinearAdapter(nn.Module):
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         return reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-
-    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.low_rank(x)
-        outs = [torch.matmul(h[..., i * self.rank:(i + 1) * self.rank], part.lora_B.t())
-                for i, (_, part) in enumerate(self.parts())]
-        return self._place(outs, 0.0)
 
     @torch.no_grad()
     def weight_norms(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -141,6 +144,9 @@ class LinearAdapter(nn.Module):
             getattr(self, name).magnitude.copy_(norm)
 
     def dora_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        # Recomputed every micro-batch on purpose: the norms follow A and B, and megatron-core updates
+        # them through its parameter buffer (the distributed optimizer's all-gather, `.data` copies),
+        # which leaves their `_version` unchanged, so a cache keyed on versions goes stale at DP > 1.
         norms = self.weight_norms(weight)
         return self._place([part.magnitude / norms[name] for name, part in self.parts()], 1.0)
 
@@ -157,17 +163,19 @@ class LinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor, base_output: torch.Tensor, added_bias, base_linear, weight) -> torch.Tensor:
         """The adapted layer's output from the base's. `added_bias`: the bias the base added into its
         output (None if none or skipped); `base_linear(x)` re-runs the base (DoRA with dropout needs
-        W applied to the dropped-out input, as PEFT does)."""
+        W applied to the dropped-out input, as PEFT does). The scaled low-rank term is added to the base
+        output by one addmm, its per-row factors (scaling, DoRA's m / ||W + s B A||) folded into B."""
         dropped = self._drop(x)
-        lora = self.lora_output(dropped)
+        h = self.low_rank(dropped)
+        b = self.placed_b()
         if not self.dora:
-            return base_output + self.scaling * lora
+            return _plus_matmul(base_output, h, b * self.scaling)
         scale = self.dora_scale(weight)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base = base_output if added_bias is None else base_output - added_bias
         else:
             base = base_linear(dropped)
-        return base_output + (scale - 1) * base + scale * self.scaling * lora
+        return _plus_matmul(base_output + (scale - 1) * base, h, b * (scale * self.scaling).unsqueeze(1))
 
     # --- checkpoints --------------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
@@ -189,6 +197,12 @@ class LinearAdapter(nn.Module):
                     out[key] = make_sharded_tensor_for_checkpoint(tensor, key, prepend_offsets=sharded_offsets,
                                                                   **groups)
         return out
+
+
+def _plus_matmul(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y + h @ b.T over the last dim, as one addmm (no separate activation-sized product)."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+    return out.view(y.shape)
 
 
 class _AdaptedLinear:
