@@ -38,11 +38,11 @@ def is_adapter_checkpoint(meta: dict) -> bool:
     return bool(meta.get(ADAPTER_KEY))
 
 
-def base_fingerprint(base_dir: Path) -> str:
-    """sha256 over the base's data files' (name, size, CRC32), from the records in its megaswift.json (computed
-    here for a checkpoint that records none)."""
-    records = read_meta(base_dir).get(FILES_KEY) or {name: checksum_file(base_dir / name)
-                                                     for name in data_files(base_dir)}
+def base_fingerprint(base_dir: Path, meta: dict | None = None) -> str:
+    """sha256 over the base's data files' (name, size, CRC32), from the records in its megaswift.json (`meta`
+    when the caller has read it; computed here for a checkpoint that records none)."""
+    meta = meta if meta is not None else read_meta(base_dir)
+    records = meta.get(FILES_KEY) or {name: checksum_file(base_dir / name) for name in data_files(base_dir)}
     listing = json.dumps({name: [r["size"], r["crc32"]] for name, r in sorted(records.items())}, sort_keys=True)
     return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
 
@@ -50,8 +50,9 @@ def base_fingerprint(base_dir: Path) -> str:
 def base_record(base_dir: Path, path_text: str | None = None) -> dict:
     """What an adapter checkpoint records about its base; `path_text` overrides the absolute path (a relative
     path, for a converted folder that moves as a whole)."""
-    return {"path": path_text or str(Path(base_dir).resolve()), "fingerprint": base_fingerprint(base_dir),
-            "iteration": int(read_meta(base_dir).get("iteration", 0))}
+    meta = read_meta(base_dir)
+    return {"path": path_text or str(Path(base_dir).resolve()), "fingerprint": base_fingerprint(base_dir, meta),
+            "iteration": int(meta.get("iteration", 0))}
 
 
 def adapter_meta(tuner: dict, base: dict) -> dict:
@@ -80,9 +81,10 @@ def resolve_base(adapter_dir: Path, meta: dict | None = None) -> Path:
             f"{adapter_dir} holds a {meta[ADAPTER_KEY]['type']} adapter on the base checkpoint {record['path']} "
             f"(resolved: {base}), which does not exist: the adapter is useless without the weights it was trained "
             f"on. Put the base back at that path (a converted folder moves as a whole with its adapter/)")
-    found = base_fingerprint(base)
+    base_meta = read_meta(base)
+    found = base_fingerprint(base, base_meta)
     if found != record["fingerprint"]:
-        found_iteration = read_meta(base).get("iteration")
+        found_iteration = base_meta.get("iteration")
         raise CheckpointError(
             f"{adapter_dir} holds a {meta[ADAPTER_KEY]['type']} adapter trained on the base {base} as it was "
             f"(iteration {record.get('iteration')}, fingerprint {record['fingerprint']}), but {base} now holds "

@@ -59,10 +59,16 @@ class ForeignCheckpoint:
         return f"{self.folder}: torch_dist, {layers}, key prefix {self.prefix!r}"
 
 
+def is_megaswift_checkpoint(path: str | Path) -> bool:
+    """A folder megaswift wrote: a run's checkpoint.save root (its `latest`) or an iter_* folder (megaswift.json)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() or (path / LATEST_FILE).is_file()
+
+
 def is_foreign_checkpoint(path: str | Path) -> bool:
     """A Megatron-LM-style root (its tracker file) or iteration folder (torch_dist files, no megaswift.json)."""
     path = Path(path)
-    if (path / META_FILE).is_file() or (path / LATEST_FILE).is_file():
+    if is_megaswift_checkpoint(path):
         return False
     return (path / TRACKER_FILE).is_file() or (path / DCP_METADATA).is_file() or \
         any(path.glob("mp_rank_*")) or any(path.glob("iter_*/mp_rank_*"))

@@ -19,12 +19,16 @@ SUBCOMMANDS = {
     "eval": ("megaswift.cli.eval", "score a model or a server on multiple-choice (CSV), QA (jsonl) and lm-eval tasks"),
     "export": ("megaswift.cli.export", "quantize an exported model (bitsandbytes NF4 / int8), size and perplexity"),
 }
+CONFIG_COMMANDS = ("pt", "sft", "rlhf")  # settings as --SECTION.FIELD flags (config/flags.py)
 
 
 def build_parser(argv_command: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
     """The top-level parser and its subcommand parsers by name."""
     parser = argparse.ArgumentParser(prog="megaswift", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser_class = argparse.ArgumentParser
+    if argv_command in CONFIG_COMMANDS:  # their --megatron.* flags are registered only if the command line has one
+        from megaswift.config.flags import OnDemandArgumentParser as parser_class
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
     parsers = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         parsers[name] = sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -63,7 +67,10 @@ def parse_command_line(argv: list[str]) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         owner = parsers.get(args.command, parser)
-        defaults = " and its default" if args.command in ("pt", "sft", "rlhf") else ""
+        from megaswift.config.flags import OnDemandArgumentParser
+        if isinstance(owner, OnDemandArgumentParser):  # an unknown flag before the command: the closest
+            owner.register_all()                       # names are still among all of the command's flags
+        defaults = " and its default" if args.command in CONFIG_COMMANDS else ""
         sys.stderr.write(f"{owner.prog}: error: {describe_unknown(unknown, _known_flags(owner))}\n"
                          f"(`{owner.prog} --help` lists every flag{defaults})\n")
         sys.exit(2)
@@ -73,7 +80,7 @@ def parse_command_line(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from megaswift.cli.quiet import silence_known_noise
-    silence_known_noise()  # before parsing: pt/sft list megatron-core's config fields (--megatron.*), importing it
+    silence_known_noise()  # before parsing: a --megatron.* flag makes parsing import megatron-core, which warns
     args = parse_command_line(argv)
     if args.command is None:
         build_parser()[0].print_help()

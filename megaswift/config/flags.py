@@ -3,10 +3,13 @@
 Precedence: dataclass defaults < YAML file (`--config`) < flags. Unknown keys are errors naming the file and key.
 """
 import argparse
+import copy
 import dataclasses
 import difflib
+import functools
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -90,7 +93,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for section, section_cls in _sections(cls).items():
         metadata = next(f for f in dataclasses.fields(cls) if f.name == section).metadata
         if metadata.get("megatron_passthrough"):
-            _add_megatron_arguments(parser, section, metadata["help"])
+            group = parser.add_argument_group(section, f"{metadata['help']}; values are parsed by the field's "
+                                                       f"type, and a field megaswift sets from one of its own "
+                                                       f"flags is refused, naming it")
+            if isinstance(parser, OnDemandArgumentParser):
+                parser.on_demand(f"--{section}.", functools.partial(_add_megatron_arguments, group, section))
+            else:
+                _add_megatron_arguments(group, section)
             continue
         group = parser.add_argument_group(section, (section_cls.__doc__ or "").strip().splitlines()[0])
         for name, tp in _sections(section_cls).items():
@@ -100,13 +109,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
                                help=help_text, **_argparse_kwargs(tp))
 
 
-def _add_megatron_arguments(parser: argparse.ArgumentParser, section: str, help_text: str) -> None:
+def _add_megatron_arguments(group, section: str) -> None:
     """One `--SECTION.FIELD` flag per megatron-core config field (config/megatron_fields.py), kept out of
     --help (there are hundreds) but known to the parser, so a typo gets the closest names. Values stay text
-    here; the run's checks parse them by the field's type and name the field in any error."""
+    here; the run's checks parse them by the field's type and name the field in any error. Listing the
+    fields imports megatron-core (seconds)."""
     from megaswift.config.megatron_fields import megatron_fields, settable, takes_several_values
-    group = parser.add_argument_group(section, f"{help_text}; values are parsed by the field's type, and a field "
-                                               f"megaswift sets from one of its own flags is refused, naming it")
     for name, field in megatron_fields().items():
         if not settable(field.annotation):
             continue
@@ -114,6 +122,44 @@ def _add_megatron_arguments(parser: argparse.ArgumentParser, section: str, help_
             {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
                            help=argparse.SUPPRESS, metavar="VALUE", **nargs)
+
+
+class OnDemandArgumentParser(argparse.ArgumentParser):
+    """A parser with arguments registered only when the command line may need them: the `--megatron.*`
+    flags cost a megatron-core import (seconds), which `--help` and every run without such a flag skip.
+    They are registered when an argument starts with their prefix, and when an argument is unknown, so that
+    the parse and the closest names of the error (cli/main.py) are those of the parser with every flag.
+    The `megaswift` entry point makes pt/sft/rlhf's parsers of this class; any other parser gets those
+    flags up front."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_demand: dict[str, typing.Callable[[], None]] = {}  # flag prefix -> registers its flags
+
+    def on_demand(self, prefix: str, register: typing.Callable[[], None]) -> None:
+        """Has `register()` called before parsing a command line with an argument starting with `prefix`."""
+        self._on_demand[prefix] = register
+
+    def register_all(self) -> None:
+        """Registers every argument still waiting: the parser then knows every flag (for closest names)."""
+        self._register(list(self._on_demand))
+
+    def _register(self, prefixes: list[str]) -> None:
+        for prefix in prefixes:
+            self._on_demand.pop(prefix)()
+
+    def parse_known_args(self, args=None, namespace=None):
+        tokens = sys.argv[1:] if args is None else list(args)
+        self._register([p for p in self._on_demand if any(str(t).startswith(p) for t in tokens)])
+        first = namespace if namespace is None else copy.copy(namespace)  # a retry starts from the caller's
+        parsed, unknown = super().parse_known_args(tokens, first)
+        if unknown and self._on_demand:
+            self.register_all()
+            return super().parse_known_args(tokens, namespace)
+        if namespace is not None:
+            vars(namespace).update(vars(parsed))
+            parsed = namespace
+        return parsed, unknown
 
 
 def _words(text: str) -> set[str]:

@@ -31,6 +31,16 @@ def how_to_start(processes: int) -> str:
             f"{processes} -- megaswift pt ...` (sft alike; docs/clusters.md for several nodes)")
 
 
+def pipeline_stages(parallel: ParallelConfig) -> int:
+    """Model chunks along the pipeline: each pipeline stage holds `virtual_pipeline` of them (one without VPP)."""
+    return parallel.pipeline * (parallel.virtual_pipeline or 1)
+
+
+def layers_per_stage(num_layers: int, parallel: ParallelConfig) -> int:
+    """Decoder layers in each model chunk (validate_layout has checked that they divide evenly)."""
+    return num_layers // pipeline_stages(parallel)
+
+
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     model_parallel = parallel.tensor * parallel.pipeline * parallel.context
     if world_size % model_parallel:
@@ -62,7 +72,7 @@ def validate_layout(hf: dict, parallel: ParallelConfig, train: TrainConfig, data
         _check(size % tp == 0, f"parallel.tensor={tp} must divide {name}={size}; allowed: "
                                f"{[d for d in range(1, heads + 1) if all(v % d == 0 for v in sizes.values())]}")
     layers = model.num_layers
-    stages = parallel.pipeline * (parallel.virtual_pipeline or 1)
+    stages = pipeline_stages(parallel)
     _check(layers % stages == 0, f"num_hidden_layers={layers} is not divisible by parallel.pipeline x "
                                  f"parallel.virtual_pipeline = {stages}")
     if parallel.virtual_pipeline is not None:

@@ -15,6 +15,7 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from megaswift.config import ParallelConfig
 from megaswift.config.sections import PerformanceConfig
+from megaswift.config.validate import layers_per_stage
 from megaswift.models.families import family_of
 
 VOCAB_DIVISIBLE_BY = 128  # pad the vocab like Megatron does, so embedding shards stay aligned
@@ -62,10 +63,12 @@ class Accelerators:
 
 
 def detect_accelerators(layer_spec: str = "auto") -> Accelerators:
-    from megaswift.models.builder import transformer_engine_available, use_transformer_engine
+    """What this machine has, for a run whose model.layer_spec is `layer_spec`. Tries to import Transformer
+    Engine (uncached when it fails): a run detects once (Trainer) and passes the result down."""
+    from megaswift.models.builder import resolve_layer_spec, transformer_engine_available
     gpu = torch.cuda.is_available()
-    return Accelerators(gpu=gpu, transformer_engine=transformer_engine_available(),
-                        te_layers=use_transformer_engine(layer_spec),
+    te = transformer_engine_available()
+    return Accelerators(gpu=gpu, transformer_engine=te, te_layers=resolve_layer_spec(layer_spec, te) == "te",
                         grad_accum_kernel=gpu and importlib.util.find_spec(GRAD_ACCUM_KERNEL) is not None)
 
 
@@ -149,8 +152,8 @@ def hf_to_transformer_config(hf: dict, parallel: ParallelConfig, params_dtype: t
         **(megatron or {}),
     }
     if fields.get("recompute_method") and fields.get("recompute_num_layers") is None:
-        stage_layers = view.num_layers // (parallel.pipeline * (parallel.virtual_pipeline or 1))
-        fields["recompute_num_layers"] = 1 if fields["recompute_method"] == "uniform" else stage_layers
+        fields["recompute_num_layers"] = 1 if fields["recompute_method"] == "uniform" else \
+            layers_per_stage(view.num_layers, parallel)
     # multi-latent attention has its own config class (its sizes and its rope, yarn included)
     return (MLATransformerConfig if view.mla else TransformerConfig)(**fields)
 
@@ -176,8 +179,8 @@ def check_performance_settings(config, hf: dict, accelerators: Accelerators, pre
     view = family_of(hf).read(hf)
     perf, parallel, is_moe = config.perf, config.parallel, bool(view.moe)
     grouped = performance_fields(perf, accelerators, is_moe)["moe_grouped_gemm"]
-    validate_recompute(perf, view.num_layers // (parallel.pipeline * (parallel.virtual_pipeline or 1)), is_moe,
-                       accelerators.transformer_engine, grouped)
+    validate_recompute(perf, layers_per_stage(view.num_layers, parallel), is_moe, accelerators.transformer_engine,
+                       grouped)
     validate_overlap(perf, parallel)
     validate_fusions(perf, {name: (supported(accelerators), reason) for name, (supported, reason) in FUSIONS.items()},
                      accelerators.gpu, accelerators.te_layers, is_moe)

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from megaswift.checkpointing.foreign import is_megaswift_checkpoint
 from megaswift.checkpointing.layout import LATEST_FILE, META_FILE, CheckpointError, resolve_checkpoint
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch (adapter_names)
@@ -20,10 +21,6 @@ class ModelLoadError(ValueError):
 
 def default_export_cache() -> Path:
     return Path(os.environ.get("MEGASWIFT_EXPORT_CACHE", Path.home() / ".cache" / "megaswift" / "exported"))
-
-
-def is_megaswift_checkpoint(path: Path) -> bool:
-    return (path / META_FILE).is_file() or (path / LATEST_FILE).is_file()
 
 
 def resolve_model_dir(model: str | Path, cache_dir: str | Path | None = None, progress: bool = True) -> Path:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megaswift.config import ConfigError
+from megaswift.serve.harness import CUSTOM_SUFFIXES, YAML_SUFFIXES, is_custom_task, require_lm_eval
 
 RESULTS_DIR = "checkpoint_eval"  # under logging.output_dir: each evaluation's JSON and log
 NICENESS = "10"
@@ -57,7 +58,7 @@ def check_eval_settings(config) -> None:
 def task_entries(tasks: list[str]) -> list[str]:
     """eval.tasks as `megaswift eval --tasks` items: comma-separated values split, files made absolute."""
     entries = [item for value in tasks for item in value.split(",") if item]
-    return [str(Path(item).resolve()) if Path(item).suffix in (".csv", ".jsonl", ".yaml", ".yml") else item
+    return [str(Path(item).resolve()) if Path(item).suffix in CUSTOM_SUFFIXES + YAML_SUFFIXES else item
             for item in entries]
 
 
@@ -66,10 +67,9 @@ def unusable_task(entry: str) -> str | None:
     when the run starts, so a broken file costs one message instead of a failed evaluation per checkpoint."""
     from megaswift.data.sft.formats import SampleFormatError
     from megaswift.serve.eval_tasks import read_task
-    from megaswift.serve.harness import is_custom_task, require_lm_eval
 
     if not is_custom_task(entry):
-        if Path(entry).suffix in (".yaml", ".yml") and not Path(entry).is_file():
+        if Path(entry).suffix in YAML_SUFFIXES and not Path(entry).is_file():
             return f"{entry}: no such file (expected an lm-eval task YAML)"
         try:
             require_lm_eval([entry])

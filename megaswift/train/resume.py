@@ -26,7 +26,7 @@ from pathlib import Path
 
 from megaswift.checkpointing.adapter import (adapter_beside, adapter_meta, base_record, is_adapter_checkpoint,
                                              recorded_tuner, resolve_base, settings_differences)
-from megaswift.checkpointing.foreign import is_foreign_checkpoint
+from megaswift.checkpointing.foreign import ForeignCheckpoint, is_foreign_checkpoint
 from megaswift.checkpointing.layout import read_latest, read_meta, resolve_checkpoint
 from megaswift.config import ConfigError, ModelConfig, config_to_dict
 from megaswift.models import resolve_hf_config
@@ -53,6 +53,8 @@ class StartPoint:
     reason: str = ""
     meta: dict = field(default_factory=dict, compare=False, repr=False)
     base: Path | None = None  # LoRA/DoRA: the frozen base checkpoint the adapters sit on
+    # a checkpoint another trainer wrote, as opened and checked here: its weights load without reading it again
+    foreign: ForeignCheckpoint | None = field(default=None, compare=False, repr=False)
 
     @property
     def step(self) -> int:
@@ -130,7 +132,8 @@ def _foreign_start(config) -> StartPoint:
         raise ConfigError(str(e)) from None
     empty = f"checkpoint.save {ck.save} holds no checkpoint yet" if ck.save else "checkpoint.save is not set"
     why = f"checkpoint.load {ck.load} with checkpoint.finetune (weights only; {ckpt.describe()}), and {empty}"
-    return StartPoint(ckpt.folder, True, False, why, {"hf_config": hf, "iteration": ckpt.iteration, "foreign": True})
+    return StartPoint(ckpt.folder, True, False, why, {"hf_config": hf, "iteration": ckpt.iteration, "foreign": True},
+                      foreign=ckpt)
 
 
 def _with_adapter_rules(start: StartPoint, tuner_type: str, load: str | None) -> StartPoint:

@@ -16,6 +16,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaswift.checkpointing import rng
+from megaswift.checkpointing.foreign import load_foreign_weights
 from megaswift.checkpointing.integrity import intact_checkpoint
 from megaswift.checkpointing.layout import HF_ASSETS, iteration_dir, read_meta
 from megaswift.checkpointing.lock import hold_checkpoint_folder
@@ -25,7 +26,7 @@ from megaswift.config import ConfigError, config_to_dict
 from megaswift.config.validate import packed_attention, validate_choices, validate_layout
 from megaswift.models import hf_to_transformer_config, resolve_hf_config
 from megaswift.models.builder import build_model_chunks, resolve_layer_spec
-from megaswift.models.mcore_config import check_performance_settings, detect_accelerators
+from megaswift.models.mcore_config import Accelerators, check_performance_settings, detect_accelerators
 from megaswift.config.megatron_fields import split_by_owner
 from megaswift.objectives.base import TOTALS, DataSource, Objective, RunPlan, StepBatches
 from megaswift.platform.cpu import cpu_patches
@@ -126,10 +127,9 @@ def reduce_step_totals(losses_reduced: list, names: tuple[str, ...],
     return dict(zip(names, sums)), stops > 0
 
 
-def _model_config(hf: dict, config):
+def _model_config(hf: dict, config, accelerators: Accelerators):
     """The TransformerConfig the Trainer builds the model with: the model, layout, precision, `perf` and the
     `megatron` pass-through (checked and parsed by Trainer.__init__, models/mcore_config.py)."""
-    accelerators = detect_accelerators(config.model.layer_spec)
     on_gpu = accelerators.gpu
     transformer_fields, _ = split_by_owner(config.megatron)
     tconfig = hf_to_transformer_config(hf, config.parallel, resolve_precision(config.train.precision),
@@ -162,12 +162,16 @@ class Trainer:
         check_adapter_start(self.start, config)  # LoRA/DoRA: a base to save against, unchanged adapter settings
         check_tuner_settings(config.tuner, self.hf)  # type, rank, targets and modules_to_save against the model
         world = world_from_env()
-        layer_spec = resolve_layer_spec(config.model.layer_spec)  # te, torch or local
+        # Once per run: each detection tries to import Transformer Engine (a failed import is retried every
+        # time), so the answer and the layer spec it decides are kept and passed down.
+        self.accelerators = detect_accelerators(config.model.layer_spec)
+        self.layer_spec = layer_spec = resolve_layer_spec(config.model.layer_spec,  # te, torch or local
+                                                          self.accelerators.transformer_engine)
         te = layer_spec == "te"
         self.dp_size = validate_layout(self.hf, config.parallel, config.train, config.data,
                                        world_size or world.world_size, te)
         # perf and the megatron pass-through (parsed by each field's type, kept in that JSON form)
-        config.megatron = check_performance_settings(config, self.hf, detect_accelerators(config.model.layer_spec),
+        config.megatron = check_performance_settings(config, self.hf, self.accelerators,
                                                      PRECISION_NAMES[resolve_precision(config.train.precision)])
         # TE attention ignores a block-diagonal mask (causal mask type): packed rows go THD there, and with the
         # torch spec on a GPU (FlexAttention from cu_seqlens, no dense mask per row).
@@ -246,8 +250,8 @@ class Trainer:
     def _build(self):
         """Model chunks wrapped in DDP, optimizer and schedule, with megatron-core's schedule hooks set."""
         cfg = self.config
-        tconfig = _model_config(self.hf, cfg)
-        chunks = apply_tuner(build_model_chunks(self.hf, tconfig, cfg.model.layer_spec), cfg.tuner, self.hf)
+        tconfig = _model_config(self.hf, cfg, self.accelerators)
+        chunks = apply_tuner(build_model_chunks(self.hf, tconfig, self.layer_spec), cfg.tuner, self.hf)
         model = wrap_with_ddp(chunks, tconfig, cfg.parallel,
                               ddp_config_for(cfg.parallel, cfg.perf, split_by_owner(cfg.megatron)[1]))
         optimizer = build_optimizer(model, cfg.train, cfg.parallel, tconfig.params_dtype, cfg.perf)
@@ -319,7 +323,9 @@ class Trainer:
         model, optimizer, scheduler = self._build()
         start = 0
         if self.load_dir is not None:
-            if self.weights_only:
+            if self.start.foreign is not None:  # another trainer's checkpoint, opened and checked in __init__
+                load_foreign_weights(self.start.foreign, model)
+            elif self.weights_only:
                 load_checkpoint(self.load_dir, model, verify=False)  # verified in run()
             else:  # the full state, RNG included (checkpointing/rng.py)
                 start = load_checkpoint(self.load_dir, model, optimizer, scheduler, verify=False)

@@ -1,10 +1,13 @@
 """Flags and YAML files are views of the same dataclasses, with defaults < YAML < flags."""
 import argparse
+import subprocess
+import sys
 
 import pytest
 
 from megaswift.config import ConfigError, PretrainConfig, SFTConfig, config_from_args
 from megaswift.config.flags import add_config_arguments, closest_names
+from tests.torchrun import child_env
 
 
 def _parse(argv):
@@ -113,3 +116,15 @@ def test_unknown_yaml_key_suggests_the_close_one(tmp_path):
     yaml_file.write_text("train:\n  iters: 5\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['iters'\]; iters: did you mean train_iters\?"):
         _parse(["--config", str(yaml_file)])
+
+
+def test_pt_parses_without_importing_megatron_core():
+    """Registering the hidden --megatron.* flags imports megatron-core (seconds): `megaswift pt` parses a
+    command line without such a flag without them (a fresh process: this one may have imported megatron-core
+    already). With one, they are there: test_perf_settings.py's --megatron.* cases."""
+    code = ("import sys; from megaswift.cli.main import parse_command_line\n"
+            "print(vars(parse_command_line(['pt', '--train.lr', '0.5'])), 'megatron.core' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["{'command': 'pt', 'config': None, 'train.lr': 0.5} False"]
