@@ -13,6 +13,9 @@ Rendering is the same as training: vLLM applies the chat template saved in the e
 format of the Qwen templates and of megaswift's agent data. Adapters are served by name without merging, as
 megaswift's own server does; vLLM refuses adapters whose rank exceeds --max-lora-rank, so it is set to the
 smallest rank vLLM accepts that holds the largest of them.
+
+Before handing over, the model folder and every adapter are checked as vLLM checks them when it loads
+(vllm_checks.py), so a folder vLLM would refuse fails at once, on any machine, naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def adapter_rank(folder: str | Path) -> int:
+    """The largest rank in the adapter: r, or a larger per-module rank_pattern value."""
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    return int(config.get("r", 8))
+    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
 
 
 def max_lora_rank(adapters: dict[str, str]) -> int:
@@ -54,6 +58,11 @@ def max_lora_rank(adapters: dict[str, str]) -> int:
 
 def vllm_command(model_dir: str | Path, name: str, adapters: dict[str, str], host: str, port: int,
                  api_key: str | None, dtype: str, max_batch_size: int) -> list[str]:
+    """The command that serves `model_dir` (and `adapters`) with vLLM; VLLMLoadError first when vLLM would
+    refuse to load any of them."""
+    from megaswift.serve.vllm_checks import check_for_vllm
+
+    check_for_vllm(model_dir, adapters)
     command = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model_dir), "--served-model-name", name,
                "--host", host, "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_batch_size),
                "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
@@ -64,3 +73,4 @@ def vllm_command(model_dir: str | Path, name: str, adapters: dict[str, str], hos
                     "--max-lora-rank", str(max_lora_rank(adapters)),
                     "--max-loras", str(len(adapters))]
     return command
+
