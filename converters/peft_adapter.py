@@ -7,6 +7,7 @@ adapter_model.safetensors: `base_model.model.<HF module>.lora_A.weight` (r, in),
 `.lora_magnitude_vector` (out,) for DoRA, and `base_model.model.<HF name>` for a modules_to_save weight.
 """
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ NEUTRAL_OPTIONS = {"bias": ("none",), "fan_in_fan_out": (False,), "rank_pattern"
                    "layer_replication": (None,), "use_qalora": (False, None), "lora_bias": (False, None),
                    "exclude_modules": (None, [], ""), "target_parameters": (None, []),
                    "trainable_token_indices": (None, {}), "alora_invocation_tokens": (None,)}
+# `model.layers.3.` (any parents) in front of a module's path within a decoder layer
+LAYER_PREFIX = re.compile(r"^(?:.*\.)?layers\.\d+\.(.+)$")
 # What modules_to_save may name, and the HF weight each trains in full.
 MODULES_TO_SAVE = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
 
@@ -52,7 +55,7 @@ def tuner_from_peft_config(config: dict, file: Path) -> dict:
     if isinstance(targets, str) and targets != "all-linear":
         raise ConversionError(f"{file}: target_modules={targets!r} is a regular expression; megaswift needs a list "
                               f"of module names (or all-linear)")
-    names = ["all-linear"] if targets == "all-linear" else sorted({t.rsplit(".", 1)[-1] for t in targets or []})
+    names = ["all-linear"] if targets == "all-linear" else target_names(targets or [], file)
     if not names:
         raise ConversionError(f"{file}: target_modules is empty")
     saved = list(config.get("modules_to_save") or [])
@@ -63,6 +66,24 @@ def tuner_from_peft_config(config: dict, file: Path) -> dict:
     return {"type": "dora" if config.get("use_dora") else "lora", "rank": int(config["r"]),
             "alpha": float(config["lora_alpha"]), "dropout": float(config.get("lora_dropout") or 0.0),
             "rslora": bool(config.get("use_rslora")), "targets": ",".join(names), "modules_to_save": saved}
+
+
+def target_names(targets: list, file: Path) -> list[str]:
+    """megaswift target names for PEFT's target_modules list. Qualified names are kept: PEFT matches a name as
+    the whole module name or a suffix after a '.', as select_targets does, so `mlp.down_proj` must stay apart
+    from the routed experts' `down_proj` on MoE models. A name spelled from the model's root for one layer
+    (`model.layers.3.mlp.down_proj`) becomes its path within the layer: megaswift adapts a module on every
+    layer, and the adapter's tensors are checked to cover every layer afterwards."""
+    if not isinstance(targets, list):
+        raise ConversionError(f"{file}: target_modules={targets!r} is not a list of module names (or all-linear)")
+    names = set()
+    for target in targets:
+        if not isinstance(target, str) or "," in target or not target.strip():
+            raise ConversionError(f"{file}: target_modules entry {target!r} is not a module name; expected names "
+                                  f"such as 'q_proj' or 'mlp.down_proj'")
+        in_layer = LAYER_PREFIX.match(target.strip())
+        names.add(in_layer.group(1) if in_layer else target.strip())
+    return sorted(names)
 
 
 def read_peft_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
