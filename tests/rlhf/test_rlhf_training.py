@@ -33,7 +33,7 @@ from tests.rlhf.trl_pairs import trl_examples  # noqa: E402
 from tests.torchrun import child_env  # noqa: E402
 from tests.train.hf_reference import AdamWSettings, adamw_for  # noqa: E402
 from tests.train.runner import run_pt  # noqa: E402
-from tests.train.test_faults import _steps_logged, _wait_for  # noqa: E402
+from tests.train.runner import steps_logged, wait_for  # noqa: E402
 
 STEPS, PAIRS, ALPHA, BETA = 4, 8, 0.5, 0.1
 ADAMW = AdamWSettings(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=1.0)
@@ -139,7 +139,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(model_run, rlhf_m
     proc = subprocess.Popen([sys.executable, *RLHF, *run(tmp_path / "signalled", 10_000)],
                             env=child_env(OMP_NUM_THREADS="2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    _wait_for(lambda: _steps_logged(tmp_path / "signalled") >= 1, proc)
+    wait_for(lambda: steps_logged(tmp_path / "signalled") >= 1, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-4000:]
     signalled = records(tmp_path / "signalled")

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.torchrun import child_env, run_torchrun
@@ -39,3 +40,24 @@ def run_pt(flags: list[str], nproc: int = 1, timeout: float = 240, check: bool =
 def losses(out: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def wait_for(predicate, proc, timeout=180):
+    """Poll until predicate() holds; fail early (with its stderr) if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-4000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting")
+
+
+def steps_logged(out: Path) -> int:
+    """Complete training-step records in OUT/metrics.jsonl so far (a run may be writing it)."""
+    file = out / "metrics.jsonl"
+    if not file.is_file():
+        return 0
+    return sum(1 for line in file.read_text().splitlines() if line.endswith("}") and '"loss"' in line)

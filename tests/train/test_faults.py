@@ -4,14 +4,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from megaswift.checkpointing.layout import read_latest, resolve_checkpoint
 from tests.torchrun import child_env
-from tests.train.runner import losses, pt_flags, run_pt
+from tests.train.runner import losses, pt_flags, run_pt, steps_logged, wait_for
 
 
 def _start_pt(flags):
@@ -20,29 +19,10 @@ def _start_pt(flags):
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, proc, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-4000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("timed out waiting")
-
-
-def _steps_logged(out: Path) -> int:
-    file = out / "metrics.jsonl"
-    if not file.is_file():
-        return 0
-    return sum(1 for line in file.read_text().splitlines() if line.endswith("}") and '"loss"' in line)
-
-
 def test_sigterm_finishes_step_saves_and_exits_zero(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = _start_pt(pt_flags(demo_data, tmp_path, train__train_iters=10_000, checkpoint__save=ckpt))
-    _wait_for(lambda: _steps_logged(tmp_path) >= 2, proc)
+    wait_for(lambda: steps_logged(tmp_path) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-4000:]
     last = max(losses(tmp_path))
@@ -56,9 +36,9 @@ def _kill_during_a_save(demo_data, tmp_path, ckpt, attempts: int = 5) -> list:
     for attempt in range(attempts):
         proc = _start_pt(pt_flags(demo_data, tmp_path / f"run{attempt}", train__train_iters=10_000,
                                   checkpoint__save=ckpt, checkpoint__save_interval=1))
-        _wait_for(lambda: (ckpt / "latest").exists(), proc)
+        wait_for(lambda: (ckpt / "latest").exists(), proc)
         known = {p.name for p in ckpt.iterdir()}
-        _wait_for(lambda: any(".tmp" in p.name and p.name not in known for p in ckpt.iterdir()), proc)
+        wait_for(lambda: any(".tmp" in p.name and p.name not in known for p in ckpt.iterdir()), proc)
         proc.kill()
         proc.wait(timeout=30)
         in_progress = [p for p in ckpt.iterdir() if ".tmp" in p.name and p.is_dir()]
