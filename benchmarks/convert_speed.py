@@ -11,6 +11,12 @@ show what the conversion itself holds. `sync` runs (untimed) before each step. C
 is bit-exact every round, deletes everything, writes benchmarks/results/convert_speed.json. Goals:
 each direction <= 2x the copy time; peak RSS <= 2x the largest tensor + 1 GiB.
 
+With --procs 1,2 (the default) hf2mcore also runs in 2 processes (`megaswift launch --nproc-per-node 2`,
+each its share of the tensors, one checkpoint: checked equal to the 1-process one every round), against the
+user-space copy in 2 processes (each every other file): `hf2mcore_by_processes` gives each count's
+throughput, its ratio to the copy's in as many processes (the goal: >= 0.8 at >= 13 GiB) and the speed-up
+over one process; `spread` per step, how far the slowest round is from the fastest.
+
     .venv/bin/python benchmarks/convert_speed.py
 """
 from __future__ import annotations
@@ -34,14 +40,27 @@ SHAPE = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32
          "intermediate_size": 7168, "vocab_size": 32000}
 
 
+# Copies the folder's files through user space; with PROCS > 1, that many forked processes each copy every
+# PROCS-th file (largest first): the baseline for a conversion in as many processes.
 USER_SPACE_COPY = """
 import os, sys
-src, dst = sys.argv[1:]
+src, dst, procs = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1
 os.mkdir(dst)
-for name in os.listdir(src):
-    with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
-        while chunk := f.read(64 << 20):
-            g.write(chunk)
+names = sorted(os.listdir(src), key=lambda n: -os.path.getsize(os.path.join(src, n)))
+def copy(part):
+    for name in names[part::procs]:
+        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
+            while chunk := f.read(64 << 20):
+                g.write(chunk)
+children = []
+for part in range(1, procs):
+    pid = os.fork()
+    if pid == 0:
+        copy(part)
+        os._exit(0)
+    children.append(pid)
+copy(0)
+sys.exit(any(os.waitpid(pid, 0)[1] for pid in children))
 """
 
 
@@ -122,6 +141,20 @@ def round_trip_bit_exact(source: Path, back: Path) -> bool:
     return all(torch.equal(file(source, src_map[k]).read(k), file(back, back_map[k]).read(k)) for k in src_map)
 
 
+def same_checkpoint(one: Path, other: Path) -> bool:
+    """The torch_dist checkpoints of two hf2mcore runs hold the same bytes for every item (each tensor as torch
+    serialized it, whichever rank's file it is in), compared one item at a time: memory stays one tensor."""
+    from torch.distributed.checkpoint import FileSystemReader
+    folders = [folder / "iter_0000000" for folder in (one, other)]
+    a, b = (FileSystemReader(str(folder)).read_metadata().storage_data for folder in folders)
+
+    def item(folder: Path, info) -> bytes:
+        with open(folder / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.length)
+    return a.keys() == b.keys() and all(item(folders[0], a[k]) == item(folders[1], b[k]) for k in a)
+
+
 def best_of(runs: list[dict]) -> dict:
     """The fastest round of a step (the machine is shared: the fastest is the least disturbed), with every
     round's time and the largest peak RSS of any round."""
@@ -136,7 +169,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     p.add_argument("--out", default=str(RESULTS / "convert_speed.json"), help="the JSON report")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every step; the fastest counts")
+    p.add_argument("--procs", default="1,2",
+                   help="process counts of hf2mcore (megaswift launch --nproc-per-node P), each against a "
+                        "user-space copy in as many processes (default 1,2)")
     args = p.parse_args()
+    procs = sorted({int(n) for n in args.procs.split(",")} | {1})
     shape = {**SHAPE, "num_hidden_layers": args.layers}
     root = Path(tempfile.mkdtemp(prefix="convert_speed_", dir=args.workdir))
     python = [sys.executable, "-m", "megaswift", "convert"]
@@ -152,7 +189,14 @@ def main() -> None:
         "mcore2hf": [*python, "mcore2hf", str(root / "mcore"), str(root / "back"), "--no-verify", "--no-progress",
                      "--max-shard-size", "1GB"],
     }
+    for n in procs[1:]:  # several processes write one checkpoint: compared with as many copying processes
+        steps[f"copy_user_space_{n}proc"] = [sys.executable, "-c", USER_SPACE_COPY, str(root / "hf"),
+                                             str(root / f"copy_user_space_{n}proc"), str(n)]
+        steps[f"hf2mcore_{n}proc"] = [sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", str(n), "--",
+                                      "megaswift", "convert", "hf2mcore", str(root / "hf"), str(root / f"mcore_{n}proc"),
+                                      "--no-verify", "--no-progress"]
     runs: dict[str, list[dict]] = {name: [] for name in steps}
+    load_at_start = round(os.getloadavg()[0], 2)
     try:
         total, largest = generate_checkpoint(root / "hf", shape, shards=max(2, args.layers // 8))  # ~1 GB each
         # Steps alternate within each round and every output is deleted before the next round, so each
@@ -163,10 +207,11 @@ def main() -> None:
                 runs[name].append(run_child(cmd))
                 if name.startswith("copy"):  # free the disk at once: at 15 GB+ every copy counts
                     shutil.rmtree(root / name)
-            bit_exact = round_trip_bit_exact(root / "hf", root / "back")
+            bit_exact = round_trip_bit_exact(root / "hf", root / "back") and all(
+                same_checkpoint(root / "mcore", root / f"mcore_{n}proc") for n in procs[1:])
             if not bit_exact:
                 break
-            for out in ("mcore", "back"):
+            for out in ("mcore", "back", *(f"mcore_{n}proc" for n in procs[1:])):
                 shutil.rmtree(root / out)
             print(f"round {round_ + 1}: " + ", ".join(f"{n} {r[-1]['seconds']:.2f} s" for n, r in runs.items()),
                   flush=True)
@@ -174,14 +219,32 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     results = {name: best_of(r) for name, r in runs.items()}
     copy_s, startup_s = results["copy"]["seconds"], results["startup"]["seconds"]
+    for r in results.values():  # how much the rounds disagree: the machine is shared
+        r["spread"] = round((max(r["rounds_seconds"]) - r["seconds"]) / r["seconds"], 3)
+    by_procs = {}
+    for n in procs:
+        convert, copy = (("hf2mcore", "copy_user_space") if n == 1
+                         else (f"hf2mcore_{n}proc", f"copy_user_space_{n}proc"))
+        convert_s, copy_user_s = results[convert]["seconds"], results[copy]["seconds"]
+        by_procs[str(n)] = {
+            "hf2mcore_bytes_per_s": round(total / convert_s), "copy_user_space_bytes_per_s": round(total / copy_user_s),
+            "hf2mcore_bytes_per_s_per_process": round(total / convert_s / n),
+            # the goal: >= 0.8 at >= 13 GiB, each process converting at 0.8x what a copying process moves
+            "throughput_ratio_to_copy_user_space": round(copy_user_s / convert_s, 2),
+            "throughput_ratio_to_copy_user_space_excluding_startup": round(copy_user_s / (convert_s - startup_s), 2),
+            "speedup_over_1proc": round(results["hf2mcore"]["seconds"] / convert_s, 2),
+            "peak_rss_per_process_bytes": results[convert]["peak_rss_bytes"]}
     rss_budget = 2 * largest + 2**30
     startup_rss = results["startup"]["peak_rss_bytes"]
     for d in ("hf2mcore", "mcore2hf"):
         results[d]["peak_rss_above_startup_bytes"] = results[d]["peak_rss_bytes"] - startup_rss
     report = {
         "model": {**shape, "dtype": "bfloat16", "bytes": total, "largest_tensor_bytes": largest},
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
+                    # other work on a shared machine slows every step: the 1-minute load at start and end
+                    "load_average_1min": [load_at_start, round(os.getloadavg()[0], 2)]},
         "rounds": args.rounds, "results": results, "round_trip_bit_exact": bit_exact,
+        "hf2mcore_by_processes": by_procs,
         "peak_rss_budget_bytes": rss_budget,
         "ratios_to_copy": {d: round(results[d]["seconds"] / copy_s, 2) for d in ("hf2mcore", "mcore2hf")},
         "import_torch_ratio_to_copy": round(results["import_torch"]["seconds"] / copy_s, 2),
@@ -214,7 +277,14 @@ def main() -> None:
               f"{r['peak_rss_bytes'] / gib:.2f} GiB (budget {rss_budget / gib:.2f} GiB), "
               f"{r['peak_rss_above_startup_bytes'] / 2**20:.0f} MiB above start-up (2x largest tensor: "
               f"{2 * largest / 2**20:.0f} MiB)")
-    print(f"round trip bit-exact: {bit_exact}; goals: {report['goals']}")
+    for n, r in by_procs.items():
+        print(f"hf2mcore in {n} process(es): {r['hf2mcore_bytes_per_s'] / 2**20:.0f} MiB/s = "
+              f"{r['throughput_ratio_to_copy_user_space']}x a user-space copy in as many processes "
+              f"({r['throughput_ratio_to_copy_user_space_excluding_startup']}x without start-up), "
+              f"{r['speedup_over_1proc']}x one process; peak RSS per process "
+              f"{r['peak_rss_per_process_bytes'] / gib:.2f} GiB")
+    print(f"round trip bit-exact (and every process count's checkpoint the same): {bit_exact}; "
+          f"goals: {report['goals']}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@
     OUT/adapter/                 with `adapter`: the PEFT adapter as a megaswift adapter checkpoint on
                                  OUT/iter_0000000 (adapter_convert.py), for `--tuner.type lora` to continue
 """
+import contextlib
 import hashlib
 import json
-import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -18,10 +19,12 @@ from tqdm import tqdm
 
 from converters.adapter_convert import (HF_SOURCE_KEY, describe_import, prepare_adapter_import,
                                         write_adapter_checkpoint)
+from converters.conversion_plan import plan_shares, tensor_bytes
+from converters.conversion_ranks import ConversionRanks, conversion_ranks
 from converters.coverage import check_consumed_once, check_hf_keys, check_mapping_matches_layout, expected_hf_shapes
 from converters.errors import ConversionError
 from converters.fp8 import fp8_dequantization
-from converters.hf_reader import HfCheckpointReader, tensor_dtype
+from converters.hf_reader import HfCheckpointReader
 from converters.mcore_layout import McoreTensor, mcore_layout
 from converters.mcore_writer import write_mcore_checkpoint
 from converters.output_dir import atomic_output_dir, check_output_dir
@@ -57,7 +60,7 @@ TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 def _check_fused_dtypes(mappings, reader: HfCheckpointReader, hf_dir: Path) -> None:
     for m in mappings:
-        found = {k: tensor_dtype(reader, k) for k in m.hf}
+        found = {k: reader.dtype(k) for k in m.hf}
         if len(set(found.values())) > 1:
             raise ConversionError(f"{hf_dir}: tensors fused into {m.mcore} have different dtypes: "
                                   + ", ".join(f"{k} ({reader.file_of[k].name}) is {d}" for k, d in found.items()))
@@ -70,11 +73,14 @@ def _fingerprint(reader: HfCheckpointReader, key: str) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def redundant_tied_head(tied: bool, reader: HfCheckpointReader, where: str) -> set[str]:
+def redundant_tied_head(tied: bool, reader: HfCheckpointReader, where: str, compare: bool = True) -> set[str]:
     """Many saves of tied models also store lm_head.weight, a copy of the embedding. It is accepted (and counted
-    as consumed) only when bit-identical to the embedding, so it carries nothing the conversion would drop."""
+    as consumed) only when bit-identical to the embedding, so it carries nothing the conversion would drop.
+    `compare`: False on all ranks of a multi-process conversion but one, which reads, compares and counts it."""
     if not tied or TIED_HEAD not in reader.file_of or TIED_EMBEDDING not in reader.file_of:
         return set()
+    if not compare:
+        return {TIED_HEAD}
     if _fingerprint(reader, TIED_HEAD) != _fingerprint(reader, TIED_EMBEDDING):
         raise ConversionError(f"{where}: config.json says tie_word_embeddings=true, but {TIED_HEAD} (in "
                               f"{reader.file_of[TIED_HEAD]}) differs from {TIED_EMBEDDING}: the weights contradict "
@@ -97,64 +103,100 @@ def _report_skipped(skipped: dict[str, str], hf_dir: Path) -> None:
 def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, verify: bool | None = None,
              overwrite: bool = False, progress: bool = True, adapter: str | Path | None = None) -> dict:
     """Returns the verification report ({} with verify=False). verify=None: verify when it fits in memory.
-    `adapter`: a PEFT LoRA/DoRA folder for this base, imported beside it (OUT/adapter/)."""
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    check_output_dir(out_dir, overwrite)  # fail before any work
-    # FP8 weights are dequantized while read; the recorded config no longer claims them.
-    hf, fp8 = fp8_dequantization(read_hf_config(hf_dir), hf_dir / "config.json", DTYPES.get(dtype))
-    family = family_of(hf, where=str(hf_dir / "config.json"))
-    # The adapter is read and checked against this base before anything is written.
-    imported = prepare_adapter_import(adapter, hf, str(hf_dir)) if adapter is not None else None
-    view = family.read(hf)
-    mappings = family.tensor_mappings(view)
-    reader = HfCheckpointReader(hf_dir, fp8)
-    layout = mcore_layout(hf)
-    dims = dims_of(view)
-    check_mapping_matches_layout(mappings, layout, where=view.architecture)
-    redundant = redundant_tied_head(view.tied_embeddings, reader, where=str(hf_dir))
-    skipped = unconverted_hf_tensors(view, reader.keys())
-    _report_skipped(skipped, hf_dir)
-    check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys() if k not in redundant | set(skipped)},
-                  where=str(hf_dir))
-    _check_shapes(mappings, layout, reader, dims, hf_dir / "config.json")
-    _check_fused_dtypes(mappings, reader, hf_dir)
+    `adapter`: a PEFT LoRA/DoRA folder for this base, imported beside it (OUT/adapter/).
+    Under torchrun (`megaswift launch --nproc-per-node N -- megaswift convert hf2mcore ...`) each rank reads and
+    writes its share of the tensors (conversion_plan.py) into one checkpoint; rank 0 finishes it."""
+    with conversion_ranks() as ranks:
+        return _hf2mcore(ranks, Path(hf_dir), Path(out_dir), dtype, verify, overwrite, progress, adapter)
+
+
+def _hf2mcore(ranks: ConversionRanks, hf_dir: Path, out_dir: Path, dtype: str | None, verify: bool | None,
+              overwrite: bool, progress: bool, adapter: str | Path | None) -> dict:
+    with ranks.step("checking the input"):
+        check_output_dir(out_dir, overwrite)  # fail before any work
+        # FP8 weights are dequantized while read; the recorded config no longer claims them.
+        hf, fp8 = fp8_dequantization(read_hf_config(hf_dir), hf_dir / "config.json", DTYPES.get(dtype))
+        family = family_of(hf, where=str(hf_dir / "config.json"))
+        if adapter is not None and ranks.world > 1:
+            raise ConversionError(f"--adapter {adapter}: importing an adapter is done by a one-process conversion; "
+                                  f"run it without `megaswift launch` (or convert the base with {ranks.world} "
+                                  f"processes and the adapter in a second, one-process run)")
+        # The adapter is read and checked against this base before anything is written.
+        imported = prepare_adapter_import(adapter, hf, str(hf_dir)) if adapter is not None else None
+        view = family.read(hf)
+        mappings = family.tensor_mappings(view)
+        reader = HfCheckpointReader(hf_dir, fp8)
+        layout = mcore_layout(hf, replicated=ranks.world > 1)
+        dims = dims_of(view)
+        check_mapping_matches_layout(mappings, layout, where=view.architecture)
+        redundant = redundant_tied_head(view.tied_embeddings, reader, where=str(hf_dir), compare=ranks.is_first)
+        skipped = unconverted_hf_tensors(view, reader.keys())
+        if ranks.is_first:
+            _report_skipped(skipped, hf_dir)
+        check_hf_keys(mappings, {k: str(reader.file_of[k]) for k in reader.keys() if k not in redundant | set(skipped)},
+                      where=str(hf_dir))
+        _check_shapes(mappings, layout, reader, dims, hf_dir / "config.json")
+        _check_fused_dtypes(mappings, reader, hf_dir)
     by_name = {m.mcore: m for m in mappings}
-    dtypes = {m.mcore: DTYPES[dtype] if dtype and m.cast else tensor_dtype(reader, m.hf[0]) for m in mappings}
-    bar = tqdm(total=len(mappings), desc="hf2mcore", unit="tensor", disable=not progress)
+    dtypes = {m.mcore: DTYPES[dtype] if dtype and m.cast else reader.dtype(m.hf[0]) for m in mappings}
+    sizes = tensor_bytes(layout, dtypes)
+    share = plan_shares(sizes, ranks.world)[ranks.rank]
+    bar = tqdm(total=len(share), desc="hf2mcore", unit="tensor", disable=not progress or not ranks.is_first)
 
     def produce(target: McoreTensor) -> torch.Tensor:
         mapping = by_name[target.name]
         # Each HF tensor's rows are read from disk straight into their place in the fused tensor.
         placement = mapping.transform.placement(dims, target.shape)
-        tensor = empty_placed(target.shape, tensor_dtype(reader, mapping.hf[0]), placement)
+        tensor = empty_placed(target.shape, reader.dtype(mapping.hf[0]), placement)
         for key, blocks in zip(mapping.hf, placement):
             reader.read_rows_into(key, blocks, tensor)
         bar.update()
         return mapping.transform.finish_mcore(tensor).to(dtypes[target.name])
 
-    needed = sum(math.prod(t.shape) * dtypes[t.name].itemsize for t in layout.tensors.values())
-    with atomic_output_dir(out_dir, overwrite, needed_bytes=needed) as tmp:
+    with contextlib.ExitStack() as output:
+        tmp = None
+        with ranks.step("creating the output folder"):
+            if ranks.is_first:  # rank 0 owns the temporary folder: it renames it into place, or removes it
+                tmp = output.enter_context(atomic_output_dir(out_dir, overwrite, needed_bytes=sum(sizes.values())))
+        tmp = ranks.shared_folder(tmp, out_dir)
         ckpt = iteration_dir(tmp, 0)
-        write_mcore_checkpoint(ckpt, layout, dtypes, produce)
-        bar.close()
-        check_consumed_once(reader.reads, {k for m in mappings for k in m.hf} | redundant, where=str(hf_dir))
+        with ranks.step("writing the checkpoint"):
+            write_mcore_checkpoint(ckpt, layout, dtypes, produce, share=share, group=ranks.group)
+            bar.close()
+            files = record_files(ckpt)  # collective: each rank sums the file it wrote
+        reads = sum((Counter(r) for r in ranks.gather(dict(reader.reads))), Counter())  # the union of all ranks
         reader.close()
-        write_meta(ckpt, {"iteration": 0, "hf_config": hf, "contents": ["model"], FILES_KEY: record_files(ckpt),
-                          HF_SOURCE_KEY: str(hf_dir.resolve()),  # what an exported adapter names as its base
-                          "config": {"model": {"hf_config": None, "preset": None, "overrides": {}}}})
-        copy_hf_assets(hf_dir, ckpt / "hf_assets")
-        if imported is not None:
-            tuner, tensors, adapter_tensors_layout, peft_config = imported
-            adapter_ckpt = write_adapter_checkpoint(tmp, hf, tuner, tensors, adapter_tensors_layout, ckpt, peft_config)
-            copy_hf_assets(hf_dir, adapter_ckpt / "hf_assets")
-        report = {}
-        if verify is not False:
-            from converters.verify import verify_conversion
-            report = verify_conversion(hf, hf_dir=hf_dir, mcore_dir=ckpt, hf_dtype=DTYPES.get(dtype), tmp=tmp,
-                                       final=out_dir, direction="hf2mcore", forced=verify is True,
-                                       coverage={"hf_tensors": len(reader.reads), "mcore_tensors": len(layout.tensors),
-                                                 "skipped_hf_tensors": sorted(skipped)},
-                                       parameter_count=sum(torch.Size(t.shape).numel()
-                                                           for t in layout.tensors.values()))
-        write_latest(tmp, 0)
+        ranks.close_group()
+        with ranks.on_rank0("finishing the checkpoint") as finishing:
+            if finishing:
+                check_consumed_once(reads, {k for m in mappings for k in m.hf} | redundant, where=str(hf_dir))
+                report = _finish(hf, hf_dir, tmp, out_dir, ckpt, files, imported, dtype, verify, fp8,
+                                 {"hf_tensors": len(reads), "mcore_tensors": len(layout.tensors),
+                                  "skipped_hf_tensors": sorted(skipped)},
+                                 sum(torch.Size(t.shape).numel() for t in layout.tensors.values()))
+                output.close()  # the rename into place: its failure is rank 0's outcome too
+    if not ranks.is_first:
+        return {}
     return {**report, **(describe_import(imported[0], imported[1]) if imported is not None else {})}
+
+
+def _finish(hf: dict, hf_dir: Path, tmp: Path, out_dir: Path, ckpt: Path, files: dict, imported,
+            dtype: str | None, verify: bool | None, fp8, coverage: dict, parameter_count: int) -> dict:
+    """What one process adds once the tensors are written: megaswift.json, HF assets, the adapter, the
+    verification, `latest`."""
+    write_meta(ckpt, {"iteration": 0, "hf_config": hf, "contents": ["model"], FILES_KEY: files,
+                      HF_SOURCE_KEY: str(hf_dir.resolve()),  # what an exported adapter names as its base
+                      "config": {"model": {"hf_config": None, "preset": None, "overrides": {}}}})
+    copy_hf_assets(hf_dir, ckpt / "hf_assets")
+    if imported is not None:
+        tuner, tensors, adapter_tensors_layout, peft_config = imported
+        adapter_ckpt = write_adapter_checkpoint(tmp, hf, tuner, tensors, adapter_tensors_layout, ckpt, peft_config)
+        copy_hf_assets(hf_dir, adapter_ckpt / "hf_assets")
+    report = {}
+    if verify is not False:
+        from converters.verify import verify_conversion
+        report = verify_conversion(hf, hf_dir=hf_dir, mcore_dir=ckpt, hf_dtype=DTYPES.get(dtype), tmp=tmp,
+                                   final=out_dir, direction="hf2mcore", forced=verify is True, coverage=coverage,
+                                   parameter_count=parameter_count, fp8=fp8)
+    write_latest(tmp, 0)
+    return report

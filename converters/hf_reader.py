@@ -173,7 +173,3 @@ class HfCheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
-
-
-def tensor_dtype(reader: HfCheckpointReader, key: str) -> torch.dtype:
-    return reader.dtype(key)

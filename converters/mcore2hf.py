@@ -5,6 +5,7 @@ files kept in hf_assets/, sharded safetensors + model.safetensors.index.json, an
 An adapter checkpoint (a LoRA/DoRA run's) becomes a PEFT adapter folder, or with `merge` its base exported
 with the adapter merged in (adapter_convert.py).
 """
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 from tqdm import tqdm
 
 from converters.adapter_convert import export_peft_adapter, merge_into_base, peft_tensors_of, verify_merged
+from converters.conversion_plan import plan_shares
+from converters.conversion_ranks import ConversionRanks, conversion_ranks
 from converters.coverage import check_mapping_matches_layout, expected_hf_shapes
 from converters.errors import ConversionError
 from converters.mcore_layout import McoreTensor, mcore_layout
@@ -19,9 +22,9 @@ from converters.mcore_reader import McoreCheckpointReader
 from converters.output_dir import atomic_output_dir, check_output_dir
 from converters.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size, plan_shards
 from megaswift.checkpointing.adapter import is_adapter_checkpoint, recorded_tuner, resolve_base
-from megaswift.checkpointing.foreign import is_foreign_checkpoint
+from megaswift.checkpointing.foreign import is_foreign_checkpoint, is_megaswift_checkpoint
 from megaswift.checkpointing.integrity import damaged_files
-from megaswift.checkpointing.layout import (HF_ASSETS, LATEST_FILE, META_FILE, CheckpointError, copy_hf_assets,
+from megaswift.checkpointing.layout import (HF_ASSETS, META_FILE, CheckpointError, copy_hf_assets,
                                             read_meta, resolve_checkpoint)
 from megaswift.models.families import family_of
 from megaswift.models.families.rules import TensorMapping, dims_of
@@ -52,9 +55,22 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
     folder. `base_name_or_path`: the adapter_config.json field (default: what an imported adapter recorded,
     else the base checkpoint's path). `hf_config`: the HF config (folder or config.json) of a checkpoint
     megaswift did not write (Megatron-LM, Megatron-Bridge, ms-swift), which records none."""
-    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    with conversion_ranks() as ranks:
+        return _mcore2hf(ranks, Path(mcore_dir), Path(out_dir), max_shard_size, verify, overwrite, progress, merge,
+                         base_name_or_path, hf_config)
+
+
+def _mcore2hf(ranks: ConversionRanks, mcore_dir: Path, out_dir: Path, max_shard_size: str, verify: bool | None,
+              overwrite: bool, progress: bool, merge: bool, base_name_or_path: str | None, hf_config) -> dict:
+    """Under torchrun (`megaswift launch`), a megaswift checkpoint's full model is exported by all ranks, each
+    writing its share of the safetensors files; everything else is refused there (adapters are small, and
+    checkpoints other trainers wrote are checked by a one-process path)."""
     check_output_dir(out_dir, overwrite)  # fail before any work
     max_shard_bytes = parse_size(max_shard_size)
+    if ranks.world > 1 and (hf_config is not None or is_foreign_checkpoint(mcore_dir) or merge
+                            or is_adapter_checkpoint(_meta_or_empty(mcore_dir))):
+        raise ConversionError(f"{mcore_dir}: mcore2hf in {ranks.world} processes exports a megaswift checkpoint's full "
+                              f"model; run adapter exports, --merge and --hf-config without `megaswift launch`")
     if hf_config is not None or is_foreign_checkpoint(mcore_dir):
         return _export_foreign(mcore_dir, hf_config, merge, out_dir, max_shard_bytes, verify, overwrite, progress)
     try:
@@ -67,7 +83,7 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
         if merge:
             raise ConversionError(f"--merge merges an adapter into its base, but {ckpt} is a full checkpoint (no "
                                   f"'adapter' in its megaswift.json); export it without --merge")
-        return _export_model(ckpt, meta, out_dir, max_shard_bytes, verify, overwrite, progress)
+        return _export_model(ckpt, meta, out_dir, max_shard_bytes, verify, overwrite, progress, ranks=ranks)
     if not merge:
         with atomic_output_dir(out_dir, overwrite) as tmp:
             report = export_peft_adapter(ckpt, meta, tmp, base_name_or_path)
@@ -89,11 +105,18 @@ def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "
                          replace=replace, assets=ckpt / HF_ASSETS, check_done=unused, after_write=check)
 
 
+def _meta_or_empty(mcore_dir: Path) -> dict:
+    try:
+        return read_meta(resolve_checkpoint(mcore_dir))
+    except CheckpointError:
+        return {}  # reported by the one-process path's own checks
+
+
 def _export_foreign(mcore_dir: Path, hf_config, merge: bool, out_dir: Path, max_shard_bytes: int,
                     verify: bool | None, overwrite: bool, progress: bool) -> dict:
     """A Megatron-LM-style checkpoint (converters/foreign_checkpoint.py): checked against the named config."""
     from converters.foreign_checkpoint import open_checked
-    if (mcore_dir / META_FILE).is_file() or (mcore_dir / LATEST_FILE).is_file():
+    if is_megaswift_checkpoint(mcore_dir):
         raise ConversionError(f"{mcore_dir} is a megaswift checkpoint, which records its HF config in "
                               f"{META_FILE}: drop --hf-config")
     if hf_config is None:
@@ -114,11 +137,41 @@ def _export_foreign(mcore_dir: Path, hf_config, merge: bool, out_dir: Path, max_
 
 def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, verify: bool | None, overwrite: bool,
                   progress: bool, replace=None, assets: Path | None = None, check_done=None, after_write=None,
-                  layout=None) -> dict:
+                  layout=None, ranks: ConversionRanks | None = None) -> dict:
     """The full model of `ckpt` as an HF folder. `replace(hf_name, tensor)`: what to write instead of each HF
     tensor (merging); `check_done()`: names left unused by `replace`, which must be none; `after_write(tmp,
     planned)`: a check of the written folder before it is moved into place, returning the report. `layout`:
-    a checkpoint another trainer wrote, already checked against the config (foreign_checkpoint.py)."""
+    a checkpoint another trainer wrote, already checked against the config (foreign_checkpoint.py). `ranks`:
+    several processes, each writing its share of the files (conversion_plan.py), rank 0 the rest."""
+    ranks = ranks or ConversionRanks()
+    with ranks.step("checking the checkpoint"):
+        hf, layout, mappings, reader, dims, regions, planned = _planned_export(ckpt, meta, layout, ranks.world)
+    shards = plan_shards(planned, max_shard_bytes)
+    mine = plan_shares({i: shard.nbytes for i, shard in enumerate(shards)}, ranks.world)[ranks.rank]
+    with contextlib.ExitStack() as output:
+        tmp = None
+        with ranks.step("creating the output folder"):
+            if ranks.is_first:  # rank 0 owns the temporary folder: it renames it into place, or removes it
+                tmp = output.enter_context(atomic_output_dir(out_dir, overwrite))
+        tmp = ranks.shared_folder(tmp, out_dir)
+        with ranks.step("writing the safetensors files"):
+            writer = ShardedSafetensorsWriter(tmp, shards, mine=mine, write_index=ranks.is_first)
+            todo = [m for m in mappings if any(writer.wants(k) for k in m.hf)]
+            for m in tqdm(todo, desc="mcore2hf", unit="tensor", disable=not progress or not ranks.is_first):
+                _write_mapping(m, layout.tensors[m.mcore], regions[m.mcore], reader, writer, dims, replace)
+            writer.close()
+        ranks.close_group()
+        with ranks.on_rank0("finishing the HF folder") as finishing:
+            if finishing:
+                report = _finish_export(hf, ckpt, tmp, out_dir, layout, planned, verify, assets, check_done,
+                                        after_write)
+                output.close()  # the rename into place: its failure is rank 0's outcome too
+    return report if ranks.is_first else {}
+
+
+def _planned_export(ckpt: Path, meta: dict, layout, world: int):
+    """Everything checked and planned before a byte is written: the HF tensors to write, their shapes and
+    dtypes, and where each one's data sits in the checkpoint."""
     hf = meta.get("hf_config")
     if not hf:
         raise ConversionError(f"{ckpt / 'megaswift.json'}: has no 'hf_config'; cannot tell which model it holds")
@@ -126,7 +179,7 @@ def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, v
     view = family.read(hf)
     mappings = family.tensor_mappings(view)
     foreign = layout is not None
-    layout = layout or mcore_layout(hf)
+    layout = layout or mcore_layout(hf, replicated=world > 1)
     check_mapping_matches_layout(mappings, layout, where=view.architecture)
     reader = McoreCheckpointReader(ckpt)
     dims = dims_of(view)
@@ -140,24 +193,24 @@ def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, v
                     for k, s in zip(m.hf, expected_hf_shapes(m, read_shape, dims))]
     if not foreign:
         _check_no_unused_model_tensors(reader, layout, ckpt)
+    return hf, layout, mappings, reader, dims, regions, planned
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, plan_shards(planned, max_shard_bytes))
-        for m in tqdm(mappings, desc="mcore2hf", unit="tensor", disable=not progress):
-            _write_mapping(m, layout.tensors[m.mcore], regions[m.mcore], reader, writer, dims, replace)
-        writer.close()
-        left = check_done() if check_done else []
-        if left:
-            raise ConversionError(f"{ckpt}: adapter tensors for modules the base has no weight for: {left}")
-        (tmp / "config.json").write_text(json.dumps(_with_saved_dtype(hf, planned), indent=2, sort_keys=True))
-        copy_hf_assets(assets or ckpt / HF_ASSETS, tmp)
-        report = after_write(tmp, planned) if after_write else {}
-        if verify is not False:
-            from converters.verify import verify_conversion
-            report = verify_conversion(hf, hf_dir=tmp, mcore_dir=ckpt, hf_dtype=None, tmp=tmp, final=out_dir,
-                                       direction="mcore2hf", forced=verify is True,
-                                       coverage={"hf_tensors": len(planned), "mcore_tensors": len(layout.tensors)},
-                                       parameter_count=sum(torch.Size(t.shape).numel() for t in planned))
+
+def _finish_export(hf: dict, ckpt: Path, tmp: Path, out_dir: Path, layout, planned: list, verify: bool | None,
+                   assets: Path | None, check_done, after_write) -> dict:
+    """What one process adds once the weights are written: config, assets, the checks."""
+    left = check_done() if check_done else []
+    if left:
+        raise ConversionError(f"{ckpt}: adapter tensors for modules the base has no weight for: {left}")
+    (tmp / "config.json").write_text(json.dumps(_with_saved_dtype(hf, planned), indent=2, sort_keys=True))
+    copy_hf_assets(assets or ckpt / HF_ASSETS, tmp)
+    report = after_write(tmp, planned) if after_write else {}
+    if verify is not False:
+        from converters.verify import verify_conversion
+        report = verify_conversion(hf, hf_dir=tmp, mcore_dir=ckpt, hf_dtype=None, tmp=tmp, final=out_dir,
+                                   direction="mcore2hf", forced=verify is True,
+                                   coverage={"hf_tensors": len(planned), "mcore_tensors": len(layout.tensors)},
+                                   parameter_count=sum(torch.Size(t.shape).numel() for t in planned))
     return report
 
 
@@ -187,7 +240,8 @@ def _write_mapping(m: TensorMapping, target: McoreTensor, region, reader: McoreC
     tensor = reader.read_region(target.key, offsets, sizes)
     tensor = tensor.reshape(sizes[len(sizes) - len(target.shape):])  # drop the layer / expert axes
     for key, hf_tensor in zip(m.hf, m.transform.to_hf(tensor, dims)):
-        writer.write(key, replace(key, hf_tensor) if replace else hf_tensor)
+        if writer.wants(key):  # a fused tensor's HF parts may fall into two ranks' shards: each writes its own
+            writer.write(key, replace(key, hf_tensor) if replace else hf_tensor)
 
 
 def _check_no_unused_model_tensors(reader: McoreCheckpointReader, layout, ckpt: Path) -> None:

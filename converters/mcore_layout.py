@@ -61,12 +61,13 @@ def build_meta_model(hf: dict):
     return model
 
 
-def mcore_layout(hf: dict, metadata: dict | None = None, prefix: str = "") -> McoreLayout:
+def mcore_layout(hf: dict, metadata: dict | None = None, prefix: str = "", replicated: bool = False) -> McoreLayout:
     """`metadata`, `prefix`: passed to sharded_state_dict(), for checkpoints other tools wrote (per-layer keys
-    with {'non_homogeneous_layers': True}, a key prefix); the tensors stay named by their state-dict name."""
+    with {'non_homogeneous_layers': True}, a key prefix); the tensors stay named by their state-dict name.
+    `replicated`: every rank of a multi-process conversion's group computes it at once (see process_group)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
-    with single_process_model_parallel():
+    with single_process_model_parallel(replicated):
         model = build_meta_model(hf)
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
         sharded = {name.removeprefix(prefix): value

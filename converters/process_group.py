@@ -39,8 +39,10 @@ def _preserved_rng():
 
 
 @contextlib.contextmanager
-def single_process_model_parallel():
-    """TP=PP=EP=1 in a world of one; leaves any group it did not create alone."""
+def single_process_model_parallel(replicated: bool = False):
+    """TP=PP=EP=1 in a world of one; leaves any group it did not create alone. `replicated`: in a group of
+    several ranks (a multi-process conversion), every rank calls this at once and builds the same TP=PP=1 model
+    (data parallel over the group), as the meta-model layout needs no more."""
     from megatron.core import parallel_state
 
     from megaswift.platform import cpu_patches
@@ -50,7 +52,7 @@ def single_process_model_parallel():
         if created:
             torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
                                                  rank=0, world_size=1)
-        elif torch.distributed.get_world_size() != 1:
+        elif torch.distributed.get_world_size() != 1 and not replicated:
             raise RuntimeError("conversion runs in one process; found a process group of "
                                f"{torch.distributed.get_world_size()} ranks (run it without torchrun)")
         parallel_state.destroy_model_parallel()

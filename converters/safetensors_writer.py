@@ -6,6 +6,7 @@ Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header le
 """
 import json
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,13 +79,22 @@ def _header(shard: PlannedShard) -> bytes:
 
 
 class ShardedSafetensorsWriter:
-    """`write(name, tensor)` in plan order; `close()` writes the index. Checks each tensor against the plan."""
+    """`write(name, tensor)` in plan order; `close()` writes the index. Checks each tensor against the plan.
+    Several ranks share the work of one folder: each writes the shards in its `mine` (indices into `shards`),
+    and one writes the index (`write_index`)."""
 
-    def __init__(self, folder: Path, shards: list[PlannedShard]):
-        self.folder, self.shards = folder, shards
+    def __init__(self, folder: Path, shards: list[PlannedShard], mine: Collection[int] | None = None,
+                 write_index: bool = True):
+        self.folder, self.shards, self.write_index = folder, shards, write_index
         self.names = shard_file_names(len(shards))
-        self.order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
+        mine = set(range(len(shards))) if mine is None else set(mine)
+        self.order = [(i, t) for i, s in enumerate(shards) if i in mine for t in s.tensors]
+        self.wanted = {t.name for _, t in self.order}
         self.position, self.file, self.file_index = 0, None, -1
+
+    def wants(self, name: str) -> bool:
+        """Whether `name` is in this writer's shards."""
+        return name in self.wanted
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard_index, planned = self.order[self.position]
@@ -107,6 +117,8 @@ class ShardedSafetensorsWriter:
             self.file.close()
         if self.position != len(self.order):
             raise AssertionError(f"only {self.position} of {len(self.order)} planned tensors were written")
+        if not self.write_index:
+            return
         weight_map = {t.name: self.names[i] for i, s in enumerate(self.shards) for t in s.tensors}
         index = {"metadata": {"total_size": sum(s.nbytes for s in self.shards)}, "weight_map": weight_map}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -1,16 +1,25 @@
-"""`megaswift convert hf2mcore | mcore2hf`: checkpoint conversion (see converters/)."""
+"""`megaswift convert hf2mcore | mcore2hf`: checkpoint conversion (see converters/).
+
+hf2mcore also runs as several processes, on one node or many, each converting its share of the tensors into
+one checkpoint: `megaswift launch --nproc-per-node N -- megaswift convert hf2mcore HF_DIR OUT_DIR`
+(slurm/convert.sh on a cluster).
+"""
 import argparse
+import os
 import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
-    to_mcore = sub.add_parser("hf2mcore", help="HF folder -> megatron-core dist checkpoint (torch_dist)")
+    to_mcore = sub.add_parser("hf2mcore", help="HF folder -> megatron-core dist checkpoint (torch_dist); in N "
+                                               "processes: `megaswift launch --nproc-per-node N -- megaswift "
+                                               "convert ...`")
     to_mcore.add_argument("hf_dir", metavar="HF_DIR")
     to_mcore.add_argument("out_dir", metavar="OUT_DIR")
     to_mcore.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                           help="dtype of the written weights (default: keep each tensor's dtype)")
-    to_hf = sub.add_parser("mcore2hf", help="megaswift / megatron-core checkpoint -> HF folder")
+    to_hf = sub.add_parser("mcore2hf", help="megaswift / megatron-core checkpoint -> HF folder (also in N processes, "
+                                            "as hf2mcore)")
     to_hf.add_argument("mcore_dir", metavar="MCORE_DIR", help="checkpoint root (uses `latest`) or an iter_* folder")
     to_hf.add_argument("out_dir", metavar="OUT_DIR")
     to_mcore.add_argument("--adapter", default=None, metavar="PEFT_DIR",
@@ -51,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConversionError, UnsupportedModelError, ConfigError, ValueError) as e:
         print(f"megaswift convert {args.direction}: error: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # several ranks converted together (megaswift launch): rank 0 reports for all
     logits = report.get("logits", {})
     checked = (f"; logits max |diff| {logits['max_abs_diff']:.3g} <= {logits['threshold']}"
                if "max_abs_diff" in logits else f"; logit check skipped: {logits['skipped']}" if logits else "")

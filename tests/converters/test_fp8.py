@@ -2,7 +2,8 @@
 dequantizes them bit-exactly as the reference formula does, fp32(q) * fp32(scale_inv[block]) rounded once to
 the training dtype. The tiny checkpoints here are quantized and dequantized by hand, tile by tile, with a
 block size that leaves partial tiles at the right and bottom edges of every matrix; transformers' own FP8
-loader checks the whole model's logits where its dequantization applies (blocks that divide the matrices).
+loader checks the whole model's logits where its dequantization applies (blocks that divide the matrices),
+and the verification gate runs transformers on a copy dequantized by the reference formula where it does not.
 Other quantized dtypes, and FP8 weights without their scales, are errors that name the tensors."""
 import json
 import math
@@ -151,7 +152,19 @@ def test_transformers_fp8_loader_agrees(tmp_path, hf_model_dirs):
     save_fp8_checkpoint(hf_model_dirs("llama", "bf16"), source, [16, 16])
     report = hf2mcore(source, tmp_path / "mcore", verify=True, progress=False)
     assert report["passed"] and report["logits"]["max_abs_diff"] <= 1e-4, report
+    assert report["logits"]["fp8_weights"] == "transformers' FP8 loader"
     assert report["coverage"]["hf_tensors"] == len(load_file(source / "model.safetensors"))  # scales included
+
+
+def test_default_verification_passes_with_partial_blocks(fp8_checkpoint, tmp_path):
+    """Edge tiles that do not fill a block (DeepSeek-V3's 576-row kv_a_proj in 128x128 blocks; every matrix
+    here): transformers' CPU FP8 loader refuses them, so the gate runs transformers on a copy dequantized by
+    the reference formula; the default verification passes on this valid checkpoint and leaves no copy."""
+    source, _ = fp8_checkpoint
+    report = hf2mcore(source, tmp_path / "mcore", progress=False)
+    assert report["passed"] and report["logits"]["max_abs_diff"] <= 1e-4, report
+    assert "reference formula" in report["logits"]["fp8_weights"]
+    assert sorted(p.name for p in (tmp_path / "mcore").iterdir()) == ["iter_0000000", "latest", "verification.json"]
 
 
 def convert_error(capsys, folder, tmp_path) -> str:
