@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 BNB_METHODS = ("bnb-nf4", "bnb-int8")
@@ -209,9 +210,22 @@ def check_layer_sizes(config: dict, group_size: int, method: str) -> None:
 
 def _write_gptqmodel(model_dir: Path, method: str, output: Path, device: str, texts: list[str], tokenizer,
                      group_size: int) -> None:
-    with _gptqmodel_cpu_workers():
-        _quantize_with_gptqmodel(_import_gptqmodel(method), model_dir, method, output, device, texts, tokenizer,
-                                 group_size)
+    # gptqmodel writes a per-layer log into ./logs of whatever the working directory is; those files are
+    # moved into the output folder so that the user's working directory is left as it was.
+    logs = Path("logs")
+    had_logs, before = logs.is_dir(), set(logs.iterdir()) if logs.is_dir() else set()
+    try:
+        with _gptqmodel_cpu_workers():
+            _quantize_with_gptqmodel(_import_gptqmodel(method), model_dir, method, output, device, texts, tokenizer,
+                                     group_size)
+    finally:
+        new_logs = sorted(set(logs.iterdir()) - before) if logs.is_dir() else []
+        if new_logs and output.is_dir():
+            (output / "quantization_logs").mkdir(exist_ok=True)
+            for file in new_logs:
+                shutil.move(file, output / "quantization_logs" / file.name)
+        if not had_logs and logs.is_dir() and not any(logs.iterdir()):
+            logs.rmdir()
     # gptqmodel rewrites generation_config.json (turning sampling on); the quantized model keeps the source's
     generation = model_dir / "generation_config.json"
     if generation.is_file():

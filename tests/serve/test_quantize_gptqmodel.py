@@ -30,12 +30,17 @@ def _export_and_check(model_dir, out, method, layer, extra=()):
     return report
 
 
-def test_gptq_int4_on_cpu_calibrated_on_sft_rows(tiny_chat_model, tmp_path):
+def test_gptq_int4_on_cpu_calibrated_on_sft_rows(tiny_chat_model, tmp_path, monkeypatch):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # gptqmodel writes ./logs; the export moves them into the output folder
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"query": f"Say hello {i}.", "response": "Hello there, friend!"}) + "\n"
                              for i in range(8)))
     report = _export_and_check(tiny_chat_model, tmp_path / "gptq", "gptq-int4", "TorchLinear", ["--calib", str(calib)])
     assert report["calibration_samples"] == 8 and report["calibration"] == str(calib)
+    assert list(workdir.iterdir()) == []
+    assert any((tmp_path / "gptq" / "quantization_logs").iterdir())
 
 
 def test_awq_int4_on_cpu(tmp_path):
