@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_step import make_data  # noqa: E402  (same generated pairs as the step-time benchmark)
+from dpo_step import make_workspace  # noqa: E402  (same generated pairs as the step-time benchmark)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -80,7 +80,6 @@ def main() -> int:
 
     import torch
 
-    from megaswift.data.tiny_tokenizer import build_tiny_tokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params, copy_bytes = weight_bytes(args.preset, overrides, args.precision)
     mib = lambda b: round(b / 2 ** 20, 1)
@@ -88,10 +87,7 @@ def main() -> int:
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tokenizer = tmp / "tokenizer"
-        tokenizer.mkdir()
-        build_tiny_tokenizer(tokenizer)
-        prefs, sft = make_data(tmp, args.pairs)
+        tokenizer, prefs, sft = make_workspace(tmp, args.pairs)
         common = {"data.tokenizer": tokenizer, "data.seq_length": args.seq_length, "data.packing": "true",
                   "data.loss_on": "last_round", "data.cache_dir": tmp / "cache",
                   "train.micro_batch_size": args.micro_batch_size, "train.global_batch_size": args.global_batch_size,

@@ -44,6 +44,15 @@ def make_data(folder: Path, pairs: int) -> tuple[Path, Path]:
     return paths
 
 
+
+def make_workspace(folder: Path, pairs: int) -> tuple[Path, Path, Path]:
+    """(tokenizer folder, preference jsonl, sft jsonl) in `folder`: what every DPO benchmark run reads."""
+    from megaswift.data.tiny_tokenizer import build_tiny_tokenizer
+    tokenizer = folder / "tokenizer"
+    tokenizer.mkdir()
+    build_tiny_tokenizer(tokenizer)
+    return (tokenizer, *make_data(folder, pairs))
+
 def child(kind: str, args, data: Path, tokenizer: Path, out: Path) -> dict:
     """One run in a child process: its step times and peak memory."""
     flags = {"model.preset": args.preset, "model.overrides": args.overrides, "data.datasets": data,
@@ -86,16 +95,12 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
 
-    from megaswift.data.tiny_tokenizer import build_tiny_tokenizer
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tokenizer = tmp / "tokenizer"
-        tokenizer.mkdir()
-        build_tiny_tokenizer(tokenizer)
-        prefs, sft = make_data(tmp, args.pairs)
+        tokenizer, prefs, sft = make_workspace(tmp, args.pairs)
         for r in range(args.rounds):
             results = {}
             for kind, data in (("sft", sft), ("dpo_precomputed", prefs), ("dpo_frozen_copy", prefs)):
