@@ -17,6 +17,10 @@ user-space copy in 2 processes (each every other file): `hf2mcore_by_processes` 
 throughput, its ratio to the copy's in as many processes (the goal: >= 0.8 at >= 13 GiB) and the speed-up
 over one process; `spread` per step, how far the slowest round is from the fastest.
 
+With --baseline DIR (another checkout of this project, e.g. `git archive` of an older commit), hf2mcore also
+runs from DIR's code in the same alternating rounds (`hf2mcore_baseline`, `hf2mcore_baseline_<n>proc`),
+its checkpoint checked equal to this checkout's every round: a before/after under the same load.
+
     .venv/bin/python benchmarks/convert_speed.py
 """
 from __future__ import annotations
@@ -110,16 +114,16 @@ def generate_checkpoint(folder: Path, shape: dict, shards: int = 2) -> tuple[int
     return total, largest
 
 
-def run_child(cmd: list[str]) -> dict:
+def run_child(cmd: list[str], repo: Path = REPO) -> dict:
     """Wall time and the child's own peak RSS, measured by /usr/bin/time: os.wait4 from this process
-    would also count the RSS of the forked copy of this (large) process before exec."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    would also count the RSS of the forked copy of this (large) process before exec. `repo`: whose code runs."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     # Flush what earlier steps left dirty (the generated checkpoint, the copy, the previous output), so
     # each step starts alike: otherwise the kernel throttles a step's writes to disk speed while it
     # writes back the previous step's 2 GB, and only the copy (run first) escapes that.
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KIB %M", *cmd], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KIB %M", *cmd], cwd=repo, env=env, capture_output=True,
                           text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -172,6 +176,8 @@ def main() -> None:
     p.add_argument("--procs", default="1,2",
                    help="process counts of hf2mcore (megaswift launch --nproc-per-node P), each against a "
                         "user-space copy in as many processes (default 1,2)")
+    p.add_argument("--baseline", default=None,
+                   help="another checkout whose hf2mcore runs too, in the same rounds (a before/after)")
     args = p.parse_args()
     procs = sorted({int(n) for n in args.procs.split(",")} | {1})
     shape = {**SHAPE, "num_hidden_layers": args.layers}
@@ -195,6 +201,15 @@ def main() -> None:
         steps[f"hf2mcore_{n}proc"] = [sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", str(n), "--",
                                       "megaswift", "convert", "hf2mcore", str(root / "hf"), str(root / f"mcore_{n}proc"),
                                       "--no-verify", "--no-progress"]
+    baseline = {}  # step -> (command, its output): hf2mcore from the --baseline checkout
+    if args.baseline:
+        for n in procs:
+            name, out = ("hf2mcore_baseline", "mcore_baseline") if n == 1 else \
+                (f"hf2mcore_baseline_{n}proc", f"mcore_baseline_{n}proc")
+            convert = steps["hf2mcore"] if n == 1 else steps[f"hf2mcore_{n}proc"]
+            baseline[name] = ([str(root / out) if a == str(root / ("mcore" if n == 1 else f"mcore_{n}proc")) else a
+                               for a in convert], out)
+            steps[name] = baseline[name][0]
     runs: dict[str, list[dict]] = {name: [] for name in steps}
     load_at_start = round(os.getloadavg()[0], 2)
     try:
@@ -204,14 +219,15 @@ def main() -> None:
         # costs several times the write itself) and a burst of load from other work hits all steps.
         for round_ in range(args.rounds):
             for name, cmd in steps.items():
-                runs[name].append(run_child(cmd))
+                runs[name].append(run_child(cmd, Path(args.baseline).resolve() if name in baseline else REPO))
                 if name.startswith("copy"):  # free the disk at once: at 15 GB+ every copy counts
                     shutil.rmtree(root / name)
             bit_exact = round_trip_bit_exact(root / "hf", root / "back") and all(
-                same_checkpoint(root / "mcore", root / f"mcore_{n}proc") for n in procs[1:])
+                same_checkpoint(root / "mcore", root / f"mcore_{n}proc") for n in procs[1:]) and all(
+                same_checkpoint(root / "mcore", root / out) for _, out in baseline.values())
             if not bit_exact:
                 break
-            for out in ("mcore", "back", *(f"mcore_{n}proc" for n in procs[1:])):
+            for out in ("mcore", "back", *(f"mcore_{n}proc" for n in procs[1:]), *(o for _, o in baseline.values())):
                 shutil.rmtree(root / out)
             print(f"round {round_ + 1}: " + ", ".join(f"{n} {r[-1]['seconds']:.2f} s" for n, r in runs.items()),
                   flush=True)
@@ -234,6 +250,11 @@ def main() -> None:
             "throughput_ratio_to_copy_user_space_excluding_startup": round(copy_user_s / (convert_s - startup_s), 2),
             "speedup_over_1proc": round(results["hf2mcore"]["seconds"] / convert_s, 2),
             "peak_rss_per_process_bytes": results[convert]["peak_rss_bytes"]}
+        before = "hf2mcore_baseline" if n == 1 else f"hf2mcore_baseline_{n}proc"
+        if before in results:  # the --baseline checkout's hf2mcore, same rounds
+            by_procs[str(n)]["baseline_throughput_ratio_to_copy_user_space"] = round(
+                copy_user_s / results[before]["seconds"], 2)
+            by_procs[str(n)]["speedup_over_baseline"] = round(results[before]["seconds"] / convert_s, 2)
     rss_budget = 2 * largest + 2**30
     startup_rss = results["startup"]["peak_rss_bytes"]
     for d in ("hf2mcore", "mcore2hf"):
@@ -282,7 +303,9 @@ def main() -> None:
               f"{r['throughput_ratio_to_copy_user_space']}x a user-space copy in as many processes "
               f"({r['throughput_ratio_to_copy_user_space_excluding_startup']}x without start-up), "
               f"{r['speedup_over_1proc']}x one process; peak RSS per process "
-              f"{r['peak_rss_per_process_bytes'] / gib:.2f} GiB")
+              f"{r['peak_rss_per_process_bytes'] / gib:.2f} GiB"
+              + (f"; baseline {r['baseline_throughput_ratio_to_copy_user_space']}x the copy, "
+                 f"{r['speedup_over_baseline']}x faster now" if "speedup_over_baseline" in r else ""))
     print(f"round trip bit-exact (and every process count's checkpoint the same): {bit_exact}; "
           f"goals: {report['goals']}")
 

@@ -26,7 +26,7 @@ from converters.errors import ConversionError
 from converters.fp8 import fp8_dequantization
 from converters.hf_reader import HfCheckpointReader
 from converters.mcore_layout import McoreTensor, mcore_layout
-from converters.mcore_writer import write_mcore_checkpoint
+from converters.mcore_writer import ReusedMemory, write_mcore_checkpoint
 from converters.output_dir import atomic_output_dir, check_output_dir
 from megaswift.checkpointing.integrity import FILES_KEY, record_files
 from megaswift.checkpointing.layout import copy_hf_assets, iteration_dir, write_latest, write_meta
@@ -142,12 +142,16 @@ def _hf2mcore(ranks: ConversionRanks, hf_dir: Path, out_dir: Path, dtype: str | 
     sizes = tensor_bytes(layout, dtypes)
     share = plan_shares(sizes, ranks.world)[ranks.rank]
     bar = tqdm(total=len(share), desc="hf2mcore", unit="tensor", disable=not progress or not ranks.is_first)
+    # The tensors are read into one buffer the size of the largest (as read, before any cast), reused for
+    # each: fresh memory for every tensor (a page fault per 4 KiB) was the largest cost after the writes.
+    memory = ReusedMemory(max((torch.Size(layout.tensors[name].shape).numel()
+                               * reader.dtype(by_name[name].hf[0]).itemsize for name in share), default=0))
 
     def produce(target: McoreTensor) -> torch.Tensor:
         mapping = by_name[target.name]
         # Each HF tensor's rows are read from disk straight into their place in the fused tensor.
         placement = mapping.transform.placement(dims, target.shape)
-        tensor = empty_placed(target.shape, reader.dtype(mapping.hf[0]), placement)
+        tensor = empty_placed(target.shape, reader.dtype(mapping.hf[0]), placement, empty=memory.empty)
         for key, blocks in zip(mapping.hf, placement):
             reader.read_rows_into(key, blocks, tensor)
         bar.update()
@@ -161,9 +165,10 @@ def _hf2mcore(ranks: ConversionRanks, hf_dir: Path, out_dir: Path, dtype: str | 
         tmp = ranks.shared_folder(tmp, out_dir)
         ckpt = iteration_dir(tmp, 0)
         with ranks.step("writing the checkpoint"):
-            write_mcore_checkpoint(ckpt, layout, dtypes, produce, share=share, group=ranks.group)
+            summed = write_mcore_checkpoint(ckpt, layout, dtypes, produce, share=share, group=ranks.group)
             bar.close()
-            files = record_files(ckpt)  # collective: each rank sums the file it wrote
+            memory.release()  # before the verification loads the model
+            files = record_files(ckpt, summed)  # collective: each rank's sums of the file it wrote
         reads = sum((Counter(r) for r in ranks.gather(dict(reader.reads))), Counter())  # the union of all ranks
         reader.close()
         ranks.close_group()

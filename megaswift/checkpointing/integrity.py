@@ -2,7 +2,8 @@
 
 At save time every data file of a checkpoint gets its size and CRC32 recorded in megaswift.json ("files"),
 computed by reading it back right after the write (from the page cache: 0.02 s for 100 MB, a tenth of the
-save; each rank sums the `__<rank>_*.distcp` files it wrote, rank 0 the rest). On load the same sums are
+save; each rank sums the `__<rank>_*.distcp` files it wrote, rank 0 the rest), or, where the writer summed
+the bytes as it wrote them (converters/mcore_writer.py), taken from it. On load the same sums are
 recomputed (the files spread over the ranks) before any tensor is read, so bytes that changed on disk (bit
 rot, a partial copy, a truncated transfer) are named instead of being trained on. CRC32 is for accidents,
 not for attackers. megatron-core's own manifest (`save(..., verify_integrity=True)`) is not used: it hashes
@@ -55,11 +56,20 @@ def _writer_rank(name: str, world_size: int) -> int:
     return int(match.group(1)) if match and int(match.group(1)) < world_size else 0
 
 
-def record_files(folder: Path) -> dict:
+def _summed_or_read(path: Path, summed: dict | None) -> dict:
+    """The sum taken while `path` was written, if its size still matches the file's; else read it back."""
+    if summed is not None and summed["size"] == path.stat().st_size:
+        return {"size": summed["size"], "crc32": summed["crc32"]}
+    return checksum_file(path)
+
+
+def record_files(folder: Path, summed: dict[str, dict] | None = None) -> dict:
     """Size and CRC32 of every data file of a just-written checkpoint, each file summed by the rank that
-    wrote it. Collective; every rank gets the whole record."""
+    wrote it. `summed`: {name: {"size", "crc32"}} this rank computed while writing files (the converters'
+    writer does), used instead of reading those files back. Collective; every rank gets the whole record."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    mine = {name: checksum_file(folder / name) for name in data_files(folder)
+    summed = summed or {}
+    mine = {name: _summed_or_read(folder / name, summed.get(name)) for name in data_files(folder)
             if _writer_rank(name, world_size) == rank()}
     merged = {}
     for part in all_gather(mine):

@@ -76,9 +76,11 @@ class Transform:
         return parts
 
 
-def empty_placed(shape: tuple[int, ...], dtype: torch.dtype, placement: list[list[Block]]) -> torch.Tensor:
-    """An uninitialised tensor for `placement` to fill, with the rows it leaves uncovered zeroed."""
-    out = torch.empty(shape, dtype=dtype)
+def empty_placed(shape: tuple[int, ...], dtype: torch.dtype, placement: list[list[Block]],
+                 empty=torch.empty) -> torch.Tensor:
+    """An uninitialised tensor for `placement` to fill, with the rows it leaves uncovered zeroed. `empty`:
+    where its memory comes from (hf2mcore passes a reused buffer's)."""
+    out = empty(shape, dtype=dtype)
     covered = sorted((dst, dst + rows) for blocks in placement for _, dst, rows in blocks)
     row = 0
     for start, end in covered + [(shape[0], shape[0])]:
