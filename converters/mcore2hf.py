@@ -1,6 +1,7 @@
 """megaswift checkpoint (any TP/PP/VPP/EP that saved it) -> HF folder, streaming tensor by tensor.
 
-Writes config.json (the HF config recorded in megaswift.json, unchanged), the tokenizer and generation
+Writes config.json (the HF config recorded in megaswift.json, naming the dtype the weights are stored in and
+readable by transformers 4.x and 5 alike), the tokenizer and generation
 files kept in hf_assets/, sharded safetensors + model.safetensors.index.json, and verification.json.
 An adapter checkpoint (a LoRA/DoRA run's) becomes a PEFT adapter folder, or with `merge` its base exported
 with the adapter merged in (adapter_convert.py).
@@ -132,20 +133,22 @@ def _export_foreign(mcore_dir: Path, hf_config, merge: bool, out_dir: Path, max_
         verify = False
     assets = Path(hf_config) if Path(hf_config).is_dir() else Path(hf_config).parent
     return _export_model(ckpt.folder, {"hf_config": hf}, out_dir, max_shard_bytes, verify, overwrite, progress,
-                         assets=assets, layout=layout)
+                         assets=assets, layout=layout, metadata=ckpt.metadata)
 
 
 def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, verify: bool | None, overwrite: bool,
                   progress: bool, replace=None, assets: Path | None = None, check_done=None, after_write=None,
-                  layout=None, ranks: ConversionRanks | None = None) -> dict:
+                  layout=None, ranks: ConversionRanks | None = None, metadata=None) -> dict:
     """The full model of `ckpt` as an HF folder. `replace(hf_name, tensor)`: what to write instead of each HF
     tensor (merging); `check_done()`: names left unused by `replace`, which must be none; `after_write(tmp,
     planned)`: a check of the written folder before it is moved into place, returning the report. `layout`:
-    a checkpoint another trainer wrote, already checked against the config (foreign_checkpoint.py). `ranks`:
+    a checkpoint another trainer wrote, already checked against the config (foreign_checkpoint.py), and
+    `metadata` its .metadata as that check read it. `ranks`:
     several processes, each writing its share of the files (conversion_plan.py), rank 0 the rest."""
     ranks = ranks or ConversionRanks()
     with ranks.step("checking the checkpoint"):
-        hf, layout, mappings, reader, dims, regions, planned = _planned_export(ckpt, meta, layout, ranks.world)
+        planned_export = _planned_export(ckpt, meta, layout, ranks.world, metadata)
+        hf, layout, mappings, reader, dims, regions, planned = planned_export
     shards = plan_shards(planned, max_shard_bytes)
     mine = plan_shares({i: shard.nbytes for i, shard in enumerate(shards)}, ranks.world)[ranks.rank]
     with contextlib.ExitStack() as output:
@@ -169,7 +172,7 @@ def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, v
     return report if ranks.is_first else {}
 
 
-def _planned_export(ckpt: Path, meta: dict, layout, world: int):
+def _planned_export(ckpt: Path, meta: dict, layout, world: int, metadata=None):
     """Everything checked and planned before a byte is written: the HF tensors to write, their shapes and
     dtypes, and where each one's data sits in the checkpoint."""
     hf = meta.get("hf_config")
@@ -181,7 +184,7 @@ def _planned_export(ckpt: Path, meta: dict, layout, world: int):
     foreign = layout is not None
     layout = layout or mcore_layout(hf, replicated=world > 1)
     check_mapping_matches_layout(mappings, layout, where=view.architecture)
-    reader = McoreCheckpointReader(ckpt)
+    reader = McoreCheckpointReader(ckpt, metadata)
     dims = dims_of(view)
     regions, planned = {}, []
     for m in mappings:
@@ -202,7 +205,8 @@ def _finish_export(hf: dict, ckpt: Path, tmp: Path, out_dir: Path, layout, plann
     left = check_done() if check_done else []
     if left:
         raise ConversionError(f"{ckpt}: adapter tensors for modules the base has no weight for: {left}")
-    (tmp / "config.json").write_text(json.dumps(_with_saved_dtype(hf, planned), indent=2, sort_keys=True))
+    config = _with_transformers4_rope(_with_saved_dtype(hf, planned))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     copy_hf_assets(assets or ckpt / HF_ASSETS, tmp)
     report = after_write(tmp, planned) if after_write else {}
     if verify is not False:
@@ -225,13 +229,28 @@ def _check_files_intact(ckpt: Path) -> None:
 
 def _with_saved_dtype(hf: dict, planned: list) -> dict:
     """config.json must name the dtype the weights are stored in: a recorded `bfloat16` over fp32 weights
-    (a CPU run of a bf16 preset) makes `from_pretrained(dtype="auto")` silently round them to bf16."""
+    (a CPU run of a bf16 preset) makes `from_pretrained(dtype="auto")` silently round them to bf16. Both
+    spellings: transformers 5 reads `dtype`, transformers 4.x (and vLLM on it) only `torch_dtype`."""
     dtypes = {str(t.dtype).removeprefix("torch.") for t in planned}
-    if len(dtypes) != 1:
+    name = next(iter(dtypes)) if len(dtypes) == 1 else hf.get("dtype", hf.get("torch_dtype"))
+    return hf if name is None else {**hf, "torch_dtype": name, "dtype": name}
+
+
+def _with_transformers4_rope(hf: dict) -> dict:
+    """transformers 5 writes RoPE as one `rope_parameters` dict; transformers 4.x (and vLLM on it) reads the
+    top-level `rope_theta`, `rope_scaling` and `partial_rotary_factor`, and without them silently uses its
+    defaults (theta 10000, no scaling). Add the fields the config lacks, with the same values. transformers
+    5 reads `rope_scaling` in preference to `rope_parameters` and fills `rope_theta` (and the partial factor)
+    in from the top level, so it still gets the same dict. Per-layer-type (nested) parameters have no 4.x
+    spelling and are left alone."""
+    rope = hf.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or any(isinstance(v, dict) for v in rope.values()):
         return hf
-    (name,) = dtypes
-    keys = [k for k in ("torch_dtype", "dtype") if k in hf] or ["dtype"]
-    return {**hf, **{k: name for k in keys}}
+    top_level = ("rope_theta", "partial_rotary_factor")
+    added = {k: rope[k] for k in top_level if k in rope and k not in hf}
+    if rope.get("rope_type", rope.get("type", "default")) != "default" and not hf.get("rope_scaling"):
+        added["rope_scaling"] = {k: v for k, v in rope.items() if k not in top_level}
+    return {**hf, **added}
 
 
 def _write_mapping(m: TensorMapping, target: McoreTensor, region, reader: McoreCheckpointReader,

@@ -47,7 +47,9 @@ class _RegionLoadPlanner(LoadPlanner):
 
 
 class McoreCheckpointReader:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, metadata=None):
+        """`metadata`: the folder's .metadata when the caller has read it already (a foreign checkpoint's
+        check has), so it is read once."""
         self.folder = Path(folder)
         backend_file = self.folder / MCORE_BACKEND_FILE
         try:
@@ -60,7 +62,7 @@ class McoreCheckpointReader:
                                   "format)")
         self.storage = FileSystemReader(str(self.folder))
         try:
-            self.metadata = self.storage.read_metadata()
+            self.metadata = metadata if metadata is not None else self.storage.read_metadata()
         except Exception as e:
             raise ConversionError(f"{self.folder / '.metadata'}: cannot read checkpoint metadata: {e}") from e
         self.storage.set_up_storage_reader(self.metadata, is_coordinator=True)

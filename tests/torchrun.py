@@ -48,3 +48,25 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dic
         raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-10000:]}")
     return proc
+
+
+def run_commands_in_one_launch(command: str, runs_file: str | Path) -> int:
+    """The body of a worker script started by run_torchrun: several `megaswift COMMAND` runs in ONE torchrun
+    launch (a 2-process launch costs seconds of start-up each). `runs_file`: JSON, a list of flag lists. Each
+    run is the real command (`megaswift.cli.<command>.run`); between runs only megatron-core's model-parallel
+    groups are torn down: the process group torchrun set up stays (the trainer would destroy it, and a second
+    rendezvous on the same port is not what is tested). Returns the first failing run's status, else 0."""
+    import importlib
+    import json
+
+    from megatron.core import parallel_state
+
+    import megaswift.train.trainer as trainer
+    from megaswift.cli.main import parse_command_line
+    cli = importlib.import_module(f"megaswift.cli.{command}")
+    trainer.shutdown_distributed = parallel_state.destroy_model_parallel
+    for flags in json.loads(Path(runs_file).read_text()):
+        status = cli.run(parse_command_line([command, *flags]))
+        if status:
+            return status
+    return 0

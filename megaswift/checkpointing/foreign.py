@@ -20,7 +20,7 @@ data position of another trainer are not megaswift's to resume).
 """
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megaswift.checkpointing.layout import LATEST_FILE, META_FILE, CheckpointError
@@ -44,6 +44,9 @@ class ForeignCheckpoint:
     prefix: str           # what precedes GPTModel's keys on disk ("" for Megatron-LM)
     per_layer: bool       # decoder.layers.N.* keys instead of tensors stacked along a layer axis
     tensors: dict         # stored key -> TensorStorageMetadata (global shape, dtype), optimizer entries included
+    # The .metadata as read (torch.distributed.checkpoint's Metadata): a reader of the tensors takes it
+    # instead of reading the file again.
+    metadata: object = field(default=None, repr=False, compare=False)
 
     @property
     def sharded_metadata(self) -> dict | None:
@@ -111,13 +114,16 @@ def _check_torch_dist(folder: Path) -> None:
         raise CheckpointError(f"{folder} has no {DCP_METADATA}: not a torch_dist checkpoint (an unfinished save?)")
 
 
-def _stored_tensors(folder: Path) -> dict:
+def _read_metadata(folder: Path):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
+        return FileSystemReader(str(folder)).read_metadata()
     except Exception as e:
         raise CheckpointError(f"{folder / DCP_METADATA}: cannot read the checkpoint's metadata: {e}") from e
+
+
+def _stored_tensors(metadata) -> dict:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     return {k: md for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
 
 
@@ -128,7 +134,8 @@ def open_foreign_checkpoint(path: str | Path) -> ForeignCheckpoint:
         raise CheckpointError(f"checkpoint {path} does not exist")
     folder, iteration = _iteration_folder(path)
     _check_torch_dist(folder)
-    tensors = _stored_tensors(folder)
+    metadata = _read_metadata(folder)
+    tensors = _stored_tensors(metadata)
     model = [k for k in tensors if not k.startswith(TRAINING_STATE_STARTS)]
     prefixes = [p for p in KEY_PREFIXES if any(k.startswith(tuple(p + s for s in MODEL_KEY_STARTS)) for k in model)]
     if len(prefixes) != 1:
@@ -138,7 +145,7 @@ def open_foreign_checkpoint(path: str | Path) -> ForeignCheckpoint:
                               f"{', '.join(repr(p) for p in KEY_PREFIXES[1:])}); found {found}")
     (prefix,) = prefixes
     per_layer = any(_PER_LAYER_KEY.match(k.removeprefix(prefix)) for k in model)
-    return ForeignCheckpoint(folder, iteration, prefix, per_layer, tensors)
+    return ForeignCheckpoint(folder, iteration, prefix, per_layer, tensors, metadata)
 
 
 def load_foreign_weights(ckpt: ForeignCheckpoint, chunks: list) -> None:

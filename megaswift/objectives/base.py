@@ -67,6 +67,9 @@ class RunPlan:
     dp_size: int
     packed_attention: str | None  # None (no packing), "mask" or "thd" (megaswift/config/validate.py)
     train_samples: int  # training samples the data must provide (Trainer.train_samples)
+    # te, torch or local: model.layer_spec as the trainer resolved it (models/builder.py resolve_layer_spec), for
+    # objectives that build model chunks of their own; resolving `auto` again retries a Transformer Engine import.
+    layer_spec: str = "auto"
 
 
 ForwardStep = Callable[[object, object], tuple]  # (data_iterator, model) -> (output, loss_func)

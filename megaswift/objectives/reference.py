@@ -83,7 +83,8 @@ class FrozenCopy:
         tconfig = copy.copy(get_model_config(step.model[0]))
         tconfig.perform_initialization = False  # weights come from the checkpoint or the policy
         with rng.preserved():  # building draws nothing the policy's training would otherwise draw
-            self.chunks = build_model_chunks(objective.plan.hf, tconfig, cfg.model.layer_spec)
+            # the policy's layer spec, as the trainer resolved it (not model.layer_spec's `auto` again)
+            self.chunks = build_model_chunks(objective.plan.hf, tconfig, objective.plan.layer_spec)
         for chunk in self.chunks:
             chunk.requires_grad_(False)
             chunk.eval()

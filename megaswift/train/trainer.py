@@ -181,7 +181,8 @@ class Trainer:
 
     def plan(self) -> RunPlan:
         """What this run has settled, for the objective to build on."""
-        return RunPlan(self.config, self.hf, self.dp_size, self.packed_attention, self.train_samples())
+        return RunPlan(self.config, self.hf, self.dp_size, self.packed_attention, self.train_samples(),
+                       self.layer_spec)
 
     def prepare_data(self) -> DataSource:
         """The objective's data source for this run, built (and its data checked) once; before any process
