@@ -189,8 +189,9 @@ def main() -> None:
         # must write them, where `cp` copies inside the kernel (copy_file_range).
         "copy_user_space": [sys.executable, "-c", USER_SPACE_COPY, str(root / "hf"), str(root / "copy_user_space")],
         "import_torch": [sys.executable, "-c", "import torch"],
-        "startup": [sys.executable, "-c", "import converters.hf2mcore, converters.mcore2hf, "
-                    "converters.mcore_layout, megatron.core.models.gpt"],
+        # the converter's imports as `megaswift convert` makes them: without the cyclic collector (cli/startup.py)
+        "startup": [sys.executable, "-c", "import gc; gc.disable(); import converters.hf2mcore, converters.mcore2hf, "
+                    "converters.mcore_layout, megatron.core.models.gpt; gc.freeze()"],
         "hf2mcore": [*python, "hf2mcore", str(root / "hf"), str(root / "mcore"), "--no-verify", "--no-progress"],
         "mcore2hf": [*python, "mcore2hf", str(root / "mcore"), str(root / "back"), "--no-verify", "--no-progress",
                      "--max-shard-size", "1GB"],

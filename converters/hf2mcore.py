@@ -101,17 +101,19 @@ def _report_skipped(skipped: dict[str, str], hf_dir: Path) -> None:
 
 
 def hf2mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, verify: bool | None = None,
-             overwrite: bool = False, progress: bool = True, adapter: str | Path | None = None) -> dict:
+             overwrite: bool = False, progress: bool = True, adapter: str | Path | None = None,
+             direct_io: bool = True) -> dict:
     """Returns the verification report ({} with verify=False). verify=None: verify when it fits in memory.
-    `adapter`: a PEFT LoRA/DoRA folder for this base, imported beside it (OUT/adapter/).
+    `adapter`: a PEFT LoRA/DoRA folder for this base, imported beside it (OUT/adapter/). `direct_io`: write
+    the checkpoint with O_DIRECT where the file system allows it (converters/direct_io.py).
     Under torchrun (`megaswift launch --nproc-per-node N -- megaswift convert hf2mcore ...`) each rank reads and
     writes its share of the tensors (conversion_plan.py) into one checkpoint; rank 0 finishes it."""
     with conversion_ranks() as ranks:
-        return _hf2mcore(ranks, Path(hf_dir), Path(out_dir), dtype, verify, overwrite, progress, adapter)
+        return _hf2mcore(ranks, Path(hf_dir), Path(out_dir), dtype, verify, overwrite, progress, adapter, direct_io)
 
 
 def _hf2mcore(ranks: ConversionRanks, hf_dir: Path, out_dir: Path, dtype: str | None, verify: bool | None,
-              overwrite: bool, progress: bool, adapter: str | Path | None) -> dict:
+              overwrite: bool, progress: bool, adapter: str | Path | None, direct_io: bool) -> dict:
     with ranks.step("checking the input"):
         check_output_dir(out_dir, overwrite)  # fail before any work
         # FP8 weights are dequantized while read; the recorded config no longer claims them.
@@ -165,7 +167,8 @@ def _hf2mcore(ranks: ConversionRanks, hf_dir: Path, out_dir: Path, dtype: str | 
         tmp = ranks.shared_folder(tmp, out_dir)
         ckpt = iteration_dir(tmp, 0)
         with ranks.step("writing the checkpoint"):
-            summed = write_mcore_checkpoint(ckpt, layout, dtypes, produce, share=share, group=ranks.group)
+            summed = write_mcore_checkpoint(ckpt, layout, dtypes, produce, share=share, group=ranks.group,
+                                            direct_io=direct_io)
             bar.close()
             memory.release()  # before the verification loads the model
             files = record_files(ckpt, summed)  # collective: each rank's sums of the file it wrote

@@ -51,18 +51,20 @@ def _read_region_of(target: McoreTensor, stored_shape: tuple[int, ...], vocab_si
 
 def mcore2hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_size: str = "5GB", verify: bool | None = None,
              overwrite: bool = False, progress: bool = True, merge: bool = False,
-             base_name_or_path: str | None = None, hf_config: str | Path | None = None) -> dict:
+             base_name_or_path: str | None = None, hf_config: str | Path | None = None, direct_io: bool = True) -> dict:
     """`merge`: for an adapter checkpoint, write the full model with the adapter merged instead of the PEFT
     folder. `base_name_or_path`: the adapter_config.json field (default: what an imported adapter recorded,
     else the base checkpoint's path). `hf_config`: the HF config (folder or config.json) of a checkpoint
-    megaswift did not write (Megatron-LM, Megatron-Bridge, ms-swift), which records none."""
+    megaswift did not write (Megatron-LM, Megatron-Bridge, ms-swift), which records none. `direct_io`: write
+    the safetensors files with O_DIRECT where the file system allows it (converters/direct_io.py)."""
     with conversion_ranks() as ranks:
         return _mcore2hf(ranks, Path(mcore_dir), Path(out_dir), max_shard_size, verify, overwrite, progress, merge,
-                         base_name_or_path, hf_config)
+                         base_name_or_path, hf_config, direct_io)
 
 
 def _mcore2hf(ranks: ConversionRanks, mcore_dir: Path, out_dir: Path, max_shard_size: str, verify: bool | None,
-              overwrite: bool, progress: bool, merge: bool, base_name_or_path: str | None, hf_config) -> dict:
+              overwrite: bool, progress: bool, merge: bool, base_name_or_path: str | None, hf_config,
+              direct_io: bool) -> dict:
     """Under torchrun (`megaswift launch`), a megaswift checkpoint's full model is exported by all ranks, each
     writing its share of the safetensors files; everything else is refused there (adapters are small, and
     checkpoints other trainers wrote are checked by a one-process path)."""
@@ -73,7 +75,8 @@ def _mcore2hf(ranks: ConversionRanks, mcore_dir: Path, out_dir: Path, max_shard_
         raise ConversionError(f"{mcore_dir}: mcore2hf in {ranks.world} processes exports a megaswift checkpoint's full "
                               f"model; run adapter exports, --merge and --hf-config without `megaswift launch`")
     if hf_config is not None or is_foreign_checkpoint(mcore_dir):
-        return _export_foreign(mcore_dir, hf_config, merge, out_dir, max_shard_bytes, verify, overwrite, progress)
+        return _export_foreign(mcore_dir, hf_config, merge, out_dir, max_shard_bytes, verify, overwrite, progress,
+                               direct_io)
     try:
         ckpt = resolve_checkpoint(mcore_dir)
         meta = read_meta(ckpt)
@@ -84,7 +87,8 @@ def _mcore2hf(ranks: ConversionRanks, mcore_dir: Path, out_dir: Path, max_shard_
         if merge:
             raise ConversionError(f"--merge merges an adapter into its base, but {ckpt} is a full checkpoint (no "
                                   f"'adapter' in its megaswift.json); export it without --merge")
-        return _export_model(ckpt, meta, out_dir, max_shard_bytes, verify, overwrite, progress, ranks=ranks)
+        return _export_model(ckpt, meta, out_dir, max_shard_bytes, verify, overwrite, progress, ranks=ranks,
+                             direct_io=direct_io)
     if not merge:
         with atomic_output_dir(out_dir, overwrite) as tmp:
             report = export_peft_adapter(ckpt, meta, tmp, base_name_or_path)
@@ -103,7 +107,8 @@ def _mcore2hf(ranks: ConversionRanks, mcore_dir: Path, out_dir: Path, max_shard_
         return verify_merged(ckpt, tmp, out_dir, verify is True, sum(torch.Size(t.shape).numel() for t in planned),
                              all(t.dtype == torch.float32 for t in planned))
     return _export_model(base, read_meta(base), out_dir, max_shard_bytes, False, overwrite, progress,
-                         replace=replace, assets=ckpt / HF_ASSETS, check_done=unused, after_write=check)
+                         replace=replace, assets=ckpt / HF_ASSETS, check_done=unused, after_write=check,
+                         direct_io=direct_io)
 
 
 def _meta_or_empty(mcore_dir: Path) -> dict:
@@ -114,7 +119,7 @@ def _meta_or_empty(mcore_dir: Path) -> dict:
 
 
 def _export_foreign(mcore_dir: Path, hf_config, merge: bool, out_dir: Path, max_shard_bytes: int,
-                    verify: bool | None, overwrite: bool, progress: bool) -> dict:
+                    verify: bool | None, overwrite: bool, progress: bool, direct_io: bool) -> dict:
     """A Megatron-LM-style checkpoint (converters/foreign_checkpoint.py): checked against the named config."""
     from converters.foreign_checkpoint import open_checked
     if is_megaswift_checkpoint(mcore_dir):
@@ -133,12 +138,12 @@ def _export_foreign(mcore_dir: Path, hf_config, merge: bool, out_dir: Path, max_
         verify = False
     assets = Path(hf_config) if Path(hf_config).is_dir() else Path(hf_config).parent
     return _export_model(ckpt.folder, {"hf_config": hf}, out_dir, max_shard_bytes, verify, overwrite, progress,
-                         assets=assets, layout=layout, metadata=ckpt.metadata)
+                         assets=assets, layout=layout, metadata=ckpt.metadata, direct_io=direct_io)
 
 
 def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, verify: bool | None, overwrite: bool,
                   progress: bool, replace=None, assets: Path | None = None, check_done=None, after_write=None,
-                  layout=None, ranks: ConversionRanks | None = None, metadata=None) -> dict:
+                  layout=None, ranks: ConversionRanks | None = None, metadata=None, direct_io: bool = True) -> dict:
     """The full model of `ckpt` as an HF folder. `replace(hf_name, tensor)`: what to write instead of each HF
     tensor (merging); `check_done()`: names left unused by `replace`, which must be none; `after_write(tmp,
     planned)`: a check of the written folder before it is moved into place, returning the report. `layout`:
@@ -158,7 +163,7 @@ def _export_model(ckpt: Path, meta: dict, out_dir: Path, max_shard_bytes: int, v
                 tmp = output.enter_context(atomic_output_dir(out_dir, overwrite))
         tmp = ranks.shared_folder(tmp, out_dir)
         with ranks.step("writing the safetensors files"):
-            writer = ShardedSafetensorsWriter(tmp, shards, mine=mine, write_index=ranks.is_first)
+            writer = ShardedSafetensorsWriter(tmp, shards, mine=mine, write_index=ranks.is_first, direct_io=direct_io)
             todo = [m for m in mappings if any(writer.wants(k) for k in m.hf)]
             for m in tqdm(todo, desc="mcore2hf", unit="tensor", disable=not progress or not ranks.is_first):
                 _write_mapping(m, layout.tensors[m.mcore], regions[m.mcore], reader, writer, dims, replace)

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+from converters.direct_io import open_for_writing
 from converters.errors import ConversionError
 from converters.mcore_layout import McoreLayout, McoreTensor
 
@@ -109,12 +110,13 @@ class _SummingStream:
 
 
 class _SummingFileSystem(FileSystem):
-    """torch's local file system, recording {file name: {"size", "crc32"}} of each file it writes
+    """torch's local file system, writing each file with direct I/O where the file system allows it
+    (`direct`; converters/direct_io.py) and recording {file name: {"size", "crc32"}} of each file it writes
     (integrity.record_files' format), in `sums`."""
 
-    def __init__(self, sums: dict[str, dict]):
+    def __init__(self, sums: dict[str, dict], direct: bool = True):
         super().__init__()
-        self.sums = sums
+        self.sums, self.direct = sums, direct
 
     @contextmanager
     def create_stream(self, path, mode: str):
@@ -122,7 +124,7 @@ class _SummingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with super().create_stream(path, mode) as raw:
+        with open_for_writing(path, self.direct) as raw:
             stream = _SummingStream(raw)
             yield stream
         if stream.sequential and not stream.pending:
@@ -216,9 +218,10 @@ def _first_failure(error: CheckpointException, rank: int, world: int) -> BaseExc
 
 def write_mcore_checkpoint(folder: Path, layout: McoreLayout, dtypes: dict[str, torch.dtype],
                            produce: Callable[[McoreTensor], torch.Tensor], share: Collection[str] | None = None,
-                           group=None) -> dict[str, dict]:
+                           group=None, direct_io: bool = True) -> dict[str, dict]:
     """`group`: the gloo group of the ranks writing this checkpoint together, each its `share` (None: this
-    process alone writes everything). Returns {file name: {"size", "crc32"}} of the data files this rank
+    process alone writes everything). `direct_io`: write the files with O_DIRECT where the file system
+    allows it (converters/direct_io.py). Returns {file name: {"size", "crc32"}} of the data files this rank
     wrote, summed while writing (for integrity.record_files)."""
     rank = 0 if group is None else torch.distributed.get_rank(group)
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,7 +231,7 @@ def write_mcore_checkpoint(folder: Path, layout: McoreLayout, dtypes: dict[str, 
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=False,
                                   per_thread_copy_ahead=0)
     sums: dict[str, dict] = {}
-    writer.fs = _SummingFileSystem(sums)
+    writer.fs = _SummingFileSystem(sums, direct_io)
     planner = LazySavePlanner(layout, dtypes, produce, share, with_objects=rank == 0)
     try:
         dcp.save({}, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from converters.direct_io import open_for_writing
+
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
@@ -81,11 +83,12 @@ def _header(shard: PlannedShard) -> bytes:
 class ShardedSafetensorsWriter:
     """`write(name, tensor)` in plan order; `close()` writes the index. Checks each tensor against the plan.
     Several ranks share the work of one folder: each writes the shards in its `mine` (indices into `shards`),
-    and one writes the index (`write_index`)."""
+    and one writes the index (`write_index`). `direct_io`: the files are written with O_DIRECT where the file
+    system allows it (direct_io.py)."""
 
     def __init__(self, folder: Path, shards: list[PlannedShard], mine: Collection[int] | None = None,
-                 write_index: bool = True):
-        self.folder, self.shards, self.write_index = folder, shards, write_index
+                 write_index: bool = True, direct_io: bool = True):
+        self.folder, self.shards, self.write_index, self.direct_io = folder, shards, write_index, direct_io
         self.names = shard_file_names(len(shards))
         mine = set(range(len(shards))) if mine is None else set(mine)
         self.order = [(i, t) for i, s in enumerate(shards) if i in mine for t in s.tensors]
@@ -109,7 +112,7 @@ class ShardedSafetensorsWriter:
         if self.file:
             self.file.close()
         self.file_index = shard_index
-        self.file = open(self.folder / self.names[shard_index], "wb")
+        self.file = open_for_writing(self.folder / self.names[shard_index], self.direct_io)
         self.file.write(_header(self.shards[shard_index]))
 
     def close(self) -> None:

@@ -1,11 +1,19 @@
 """How many processes a node runs: one per GPU it can see, or a set number (CPU runs, tests)."""
+import os
 from collections.abc import Callable, Mapping
 
 from launchers.errors import LaunchError
 
 
-def cuda_device_count() -> int:
-    """GPUs torch can see; imported here so planning a launch with an explicit count needs no torch."""
+# Present where a GPU driver is loaded: NVIDIA's (CUDA) or AMD's kernel driver (ROCm, which torch.cuda covers).
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/kfd")
+
+
+def cuda_device_count(driver_paths: tuple[str, ...] = GPU_DRIVER_PATHS) -> int:
+    """GPUs torch can see. Without a GPU driver there are none, and torch (1.4 s of imports in a process that
+    then becomes torchrun, which imports it again) is not asked."""
+    if not any(os.path.exists(path) for path in driver_paths):
+        return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from megaswift.cli.startup import start_up_imports
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
@@ -42,21 +44,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: on when both models fit in memory)")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        p.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=True,
+                       help="write the output with O_DIRECT, bypassing the page cache (2x faster than buffered "
+                            "writes on the CI machine); used only where the file system accepts it")
 
 
 def run(args: argparse.Namespace) -> int:
-    from converters import ConversionError, hf2mcore, mcore2hf
-    from megaswift.config import ConfigError
-    from megaswift.models import UnsupportedModelError
+    with start_up_imports(args):
+        from converters import ConversionError, hf2mcore, mcore2hf
+        from megaswift.config import ConfigError
+        from megaswift.models import UnsupportedModelError
 
     try:
         if args.direction == "hf2mcore":
             report = hf2mcore(args.hf_dir, args.out_dir, dtype=args.dtype, verify=args.verify,
-                              overwrite=args.overwrite, progress=args.progress, adapter=args.adapter)
+                              overwrite=args.overwrite, progress=args.progress, adapter=args.adapter,
+                              direct_io=args.direct_io)
         else:
             report = mcore2hf(args.mcore_dir, args.out_dir, max_shard_size=args.max_shard_size, verify=args.verify,
                               overwrite=args.overwrite, progress=args.progress, merge=args.merge,
-                              base_name_or_path=args.base_model_name_or_path, hf_config=args.hf_config)
+                              base_name_or_path=args.base_model_name_or_path, hf_config=args.hf_config,
+                              direct_io=args.direct_io)
     except (ConversionError, UnsupportedModelError, ConfigError, ValueError) as e:
         print(f"megaswift convert {args.direction}: error: {e}", file=sys.stderr)
         return 1

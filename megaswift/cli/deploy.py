@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from megaswift.cli.startup import start_up_imports
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megaswift.serve.model_args import add_model_arguments
@@ -65,8 +67,9 @@ def _hand_over_to_vllm(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaswift.serve.loading import ModelLoadError
-    from megaswift.serve.model_args import load_from_args
+    with start_up_imports(args):
+        from megaswift.serve.loading import ModelLoadError
+        from megaswift.serve.model_args import load_from_args
 
     if args.backend == "vllm":
         return _hand_over_to_vllm(args)

@@ -3,6 +3,8 @@ lm-eval-harness tasks, all in one JSON and one table."""
 import argparse
 import sys
 
+from megaswift.cli.startup import start_up_imports
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megaswift.serve.model_args import add_model_arguments
@@ -35,11 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaswift.data.sft.formats import SampleFormatError
-    from megaswift.serve import harness
-    from megaswift.serve.evaluate import LocalModel, RemoteModel, evaluate, format_table, write_results
-    from megaswift.serve.loading import ModelLoadError
-    from megaswift.serve.model_args import load_from_args
+    with start_up_imports(args):
+        from megaswift.data.sft.formats import SampleFormatError
+        from megaswift.serve import harness
+        from megaswift.serve.evaluate import LocalModel, RemoteModel, evaluate, format_table, write_results
+        from megaswift.serve.loading import ModelLoadError
+        from megaswift.serve.model_args import load_from_args
 
     tasks = [t for t in args.tasks.split(",") if t]
     custom = [t for t in tasks if harness.is_custom_task(t)]

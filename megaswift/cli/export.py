@@ -3,6 +3,8 @@ gptqmodel, FP8 with torchao)."""
 import argparse
 import sys
 
+from megaswift.cli.startup import start_up_imports
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megaswift.serve.quantize import DEFAULT_CALIB_SAMPLES, DEFAULT_GROUP_SIZE, QUANT_METHODS
@@ -26,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaswift.data.sft.formats import SampleFormatError
-    from megaswift.serve.quantize import QuantizationError, quantize
+    with start_up_imports(args):
+        from megaswift.data.sft.formats import SampleFormatError
+        from megaswift.serve.quantize import QuantizationError, quantize
 
     try:
         report = quantize(args.model, args.quant, args.output, args.eval_text, args.device, calib_file=args.calib,

@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from megaswift.cli.startup import start_up_imports
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megaswift.serve.model_args import add_model_arguments, add_sampling_arguments
@@ -19,10 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaswift.data.sft.formats import SampleFormatError
-    from megaswift.serve.loading import ModelLoadError
-    from megaswift.serve.model_args import load_from_args, sampling_from_args
-    from megaswift.serve.offline import chat_in_terminal, infer_datasets
+    with start_up_imports(args):
+        from megaswift.data.sft.formats import SampleFormatError
+        from megaswift.serve.loading import ModelLoadError
+        from megaswift.serve.model_args import load_from_args, sampling_from_args
+        from megaswift.serve.offline import chat_in_terminal, infer_datasets
 
     try:
         sampling = sampling_from_args(args)

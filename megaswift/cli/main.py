@@ -78,10 +78,13 @@ def parse_command_line(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`argv` None: the process's own command line (the `megaswift` program); a list: an in-process call."""
+    owns_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     from megaswift.cli.quiet import silence_known_noise
     silence_known_noise()  # before parsing: a --megatron.* flag makes parsing import megatron-core, which warns
     args = parse_command_line(argv)
+    args.owns_process = owns_process  # process-wide start-up settings only then (cli/startup.py)
     if args.command is None:
         build_parser()[0].print_help()
         return 2

@@ -41,6 +41,9 @@ KNOWN = (
     # dist_checkpointing reads a checkpoint's common part with torch's dcp without a process group, on purpose
     Notice("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a "
            "single process"),
+    # a one-process conversion writes its checkpoint with torch's dcp.save(no_dist=True), which says so anyway
+    Notice("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to save in a "
+           "single process"),
     Notice("`torch.distributed.reduce_scatter_tensor` is deprecated"),    # megatron-core's collectives
     Notice("`torch.distributed.all_gather_into_tensor` is deprecated"),
     Notice("`torch.distributed._reduce_scatter_base` is"),

@@ -3,6 +3,7 @@ import argparse
 
 from megaswift.cli.report import end_of_run, report_error
 from megaswift.cli.run_config import build_run_config
+from megaswift.cli.startup import start_up_imports
 from megaswift.config import ConfigError, SFTConfig
 from megaswift.config.flags import add_config_arguments
 
@@ -44,9 +45,10 @@ def prepare(args: argparse.Namespace, world_size: int | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaswift.checkpointing.layout import CheckpointError
-    from megaswift.data.sft.formats import SampleFormatError
-    from megaswift.train.trainer import TrainingError
+    with start_up_imports(args):
+        from megaswift.checkpointing.layout import CheckpointError
+        from megaswift.data.sft.formats import SampleFormatError
+        from megaswift.train.trainer import TrainingError
     errors = (ConfigError, CheckpointError, TrainingError, SampleFormatError, ValueError)
     try:
         config, trainer = prepare(args)

@@ -1,8 +1,14 @@
 """plan_launch: flags + environment -> one node's torchrun invocation, and the errors for jobs that cannot work."""
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from launchers import LaunchError, LaunchFlags, expand_nodelist, plan_launch
 from launchers.command import torchrun_program
+from launchers.devices import GPU_DRIVER_PATHS, cuda_device_count
 from launchers.slurm_env import PORT_BASE, PORT_SPAN
 
 COMMAND = ["megaswift", "pt", "--config", "run.yaml"]
@@ -155,3 +161,17 @@ def _child_failed(**exit_codes):
 def test_a_failed_launch_ends_with_one_line_naming_the_cause(codes, line, status):
     from launchers.agent import describe_failure
     assert describe_failure(_child_failed(**codes)) == (line, status)
+
+
+def test_gpu_count_without_a_driver_agrees_with_torch_and_imports_no_torch(tmp_path):
+    """The no-driver shortcut must give torch's own answer: here (no GPU driver on CI) 0, in a fresh process
+    that never imports torch; with a driver path present torch is asked."""
+    probe = ("import sys; from launchers.devices import cuda_device_count; n = cuda_device_count(); "
+             "print(n, 'torch' in sys.modules)")
+    count, imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                     check=True).stdout.split()
+    torch_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert int(count) == torch_count
+    driver = any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
+    assert imported == str(driver)  # torch imported exactly when a driver is present
+    assert cuda_device_count(driver_paths=(str(tmp_path),)) == torch_count  # "a driver": torch is asked
