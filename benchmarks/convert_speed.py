@@ -15,7 +15,9 @@ With --procs 1,2 (the default) hf2mcore also runs in 2 processes (`megaswift lau
 each its share of the tensors, one checkpoint: checked equal to the 1-process one every round), against the
 user-space copy in 2 processes (each every other file): `hf2mcore_by_processes` gives each count's
 throughput, its ratio to the copy's in as many processes (the goal: >= 0.8 at >= 13 GiB) and the speed-up
-over one process; `spread` per step, how far the slowest round is from the fastest.
+over one process; `spread` per step, how far the slowest round is from the fastest. Each step's
+`seconds_until_durable` adds the `sync` after it: a buffered writer (the copies) returns with gigabytes
+still in the page cache, the converters (direct I/O) with none; the `_until_durable` ratio compares that.
 
 With --baseline DIR (another checkout of this project, e.g. `git archive` of an older commit), hf2mcore also
 runs from DIR's code in the same alternating rounds (`hf2mcore_baseline`, `hf2mcore_baseline_<n>proc`),
@@ -128,8 +130,12 @@ def run_child(cmd: list[str], repo: Path = REPO) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    # Until its bytes are on the device: a buffered writer (the copies, the --baseline) returns with up to
+    # the kernel's dirty limit still in the page cache, a direct-I/O one (converters/direct_io.py) with none.
+    os.sync()
+    durable = time.perf_counter() - start
     max_rss_kib = int(proc.stderr.strip().splitlines()[-1].split()[-1])
-    return {"seconds": round(wall, 3), "peak_rss_bytes": max_rss_kib * 1024}
+    return {"seconds": round(wall, 3), "seconds_until_durable": round(durable, 3), "peak_rss_bytes": max_rss_kib * 1024}
 
 
 def round_trip_bit_exact(source: Path, back: Path) -> bool:
@@ -164,6 +170,7 @@ def best_of(runs: list[dict]) -> dict:
     round's time and the largest peak RSS of any round."""
     best = min(runs, key=lambda r: r["seconds"])
     return {**best, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+            "seconds_until_durable": min(r["seconds_until_durable"] for r in runs),
             "rounds_seconds": [r["seconds"] for r in runs]}
 
 
@@ -255,6 +262,9 @@ def main() -> None:
             # the goal: >= 0.8 at >= 13 GiB, each process converting at 0.8x what a copying process moves
             "throughput_ratio_to_copy_user_space": round(copy_user_s / convert_s, 2),
             "throughput_ratio_to_copy_user_space_excluding_startup": round(copy_user_s / (convert_s - startup_s), 2),
+            # both until their bytes are on the device (the copy leaves them in the page cache)
+            "throughput_ratio_to_copy_user_space_until_durable": round(
+                results[copy]["seconds_until_durable"] / results[convert]["seconds_until_durable"], 2),
             "speedup_over_1proc": round(results["hf2mcore"]["seconds"] / convert_s, 2),
             "peak_rss_per_process_bytes": results[convert]["peak_rss_bytes"]}
         before = "hf2mcore_baseline" if n == 1 else f"hf2mcore_baseline_{n}proc"
@@ -308,7 +318,8 @@ def main() -> None:
     for n, r in by_procs.items():
         print(f"hf2mcore in {n} process(es): {r['hf2mcore_bytes_per_s'] / 2**20:.0f} MiB/s = "
               f"{r['throughput_ratio_to_copy_user_space']}x a user-space copy in as many processes "
-              f"({r['throughput_ratio_to_copy_user_space_excluding_startup']}x without start-up), "
+              f"({r['throughput_ratio_to_copy_user_space_excluding_startup']}x without start-up, "
+              f"{r['throughput_ratio_to_copy_user_space_until_durable']}x until the bytes are on the device), "
               f"{r['speedup_over_1proc']}x one process; peak RSS per process "
               f"{r['peak_rss_per_process_bytes'] / gib:.2f} GiB"
               + (f"; baseline {r['baseline_throughput_ratio_to_copy_user_space']}x the copy, "

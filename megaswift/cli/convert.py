@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from megaswift.cli.startup import start_up_imports
+from megaswift.cli.startup import reuse_freed_memory, start_up_imports
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         from converters import ConversionError, hf2mcore, mcore2hf
         from megaswift.config import ConfigError
         from megaswift.models import UnsupportedModelError
+    reuse_freed_memory(args)  # tensor after tensor: freed memory reused rather than fresh pages each time
 
     try:
         if args.direction == "hf2mcore":
