@@ -116,10 +116,13 @@ def generate_checkpoint(folder: Path, shape: dict, shards: int = 2) -> tuple[int
     return total, largest
 
 
-def run_child(cmd: list[str], repo: Path = REPO) -> dict:
+def run_child(cmd: list[str], repo: Path = REPO, processes: int = 1) -> dict:
     """Wall time and the child's own peak RSS, measured by /usr/bin/time: os.wait4 from this process
-    would also count the RSS of the forked copy of this (large) process before exec. `repo`: whose code runs."""
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    would also count the RSS of the forked copy of this (large) process before exec. `repo`: whose code runs;
+    `processes`: how many share the CPUs, each with its part of them as OpenMP threads (as torchrun gives
+    its workers by default: measured, 2 threads in each of 2 processes on 2 cores made hf2mcore 5-20% slower)."""
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": threads}
     # Flush what earlier steps left dirty (the generated checkpoint, the copy, the previous output), so
     # each step starts alike: otherwise the kernel throttles a step's writes to disk speed while it
     # writes back the previous step's 2 GB, and only the copy (run first) escapes that.
@@ -219,6 +222,8 @@ def main() -> None:
                                for a in convert], out)
             steps[name] = baseline[name][0]
     runs: dict[str, list[dict]] = {name: [] for name in steps}
+    step_processes = {name: n for n in procs[1:] for name in (f"copy_user_space_{n}proc", f"hf2mcore_{n}proc",
+                                                              f"hf2mcore_baseline_{n}proc")}
     load_at_start = round(os.getloadavg()[0], 2)
     try:
         total, largest = generate_checkpoint(root / "hf", shape, shards=max(2, args.layers // 8))  # ~1 GB each
@@ -232,7 +237,8 @@ def main() -> None:
         bit_exact = True
         for round_ in range(args.rounds):
             for name, cmd in steps.items():
-                runs[name].append(run_child(cmd, Path(args.baseline).resolve() if name in baseline else REPO))
+                runs[name].append(run_child(cmd, Path(args.baseline).resolve() if name in baseline else REPO,
+                                            processes=step_processes.get(name, 1)))
                 if name.startswith("copy"):  # free the disk at once: at 15 GB+ every copy counts
                     shutil.rmtree(root / name)
                 elif name in checked_outputs:
