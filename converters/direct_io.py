@@ -41,7 +41,14 @@ def open_for_writing(path: str | os.PathLike, direct: bool = True):
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: str) -> None:
     while data:
-        written = os.pwrite(fd, data, offset)
+        try:
+            written = os.pwrite(fd, data, offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # opened with O_DIRECT, yet a 4096-aligned write refused: a file system wanting larger alignment
+            raise OSError(errno.EINVAL, f"the file system refused a direct write of {len(data)} bytes at offset "
+                                        f"{offset} (aligned to {ALIGNMENT}); rerun with --no-direct-io", path) from e
         if written <= 0 or (written < len(data) and written % ALIGNMENT):
             # a short direct write leaves the rest misaligned: only a full device or a failed disk does this
             raise OSError(errno.EIO, f"short direct write ({written} of {len(data)} bytes at offset {offset})", path)

@@ -108,3 +108,16 @@ def test_conversions_write_the_same_bytes_with_and_without_direct_io(hf_model_di
                            {p.name: p.read_bytes() for p in back.glob("*.safetensors")})
     assert outputs[True] == outputs[False]
     assert outputs[True][0] and outputs[True][2]
+
+
+def test_a_refused_direct_write_says_what_to_do(direct_folder, monkeypatch):
+    """A file system that opens with O_DIRECT but wants a larger alignment refuses the write itself (EINVAL;
+    simulated, none is at hand): the error names the file and the way out."""
+    def refusing(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    f = open_for_writing(direct_folder / "data.bin")
+    monkeypatch.setattr(os, "pwrite", refusing)
+    with pytest.raises(OSError, match="--no-direct-io") as error:
+        f.write(b"x" * 5)
+        f.close()
+    assert error.value.filename.endswith("data.bin")
