@@ -70,11 +70,11 @@ def _mcore2hf(ranks: ConversionRanks, mcore_dir: Path, out_dir: Path, max_shard_
     checkpoints other trainers wrote are checked by a one-process path)."""
     check_output_dir(out_dir, overwrite)  # fail before any work
     max_shard_bytes = parse_size(max_shard_size)
-    if ranks.world > 1 and (hf_config is not None or is_foreign_checkpoint(mcore_dir) or merge
-                            or is_adapter_checkpoint(_meta_or_empty(mcore_dir))):
+    foreign = hf_config is not None or is_foreign_checkpoint(mcore_dir)
+    if ranks.world > 1 and (foreign or merge or is_adapter_checkpoint(_meta_or_empty(mcore_dir))):
         raise ConversionError(f"{mcore_dir}: mcore2hf in {ranks.world} processes exports a megaswift checkpoint's full "
                               f"model; run adapter exports, --merge and --hf-config without `megaswift launch`")
-    if hf_config is not None or is_foreign_checkpoint(mcore_dir):
+    if foreign:
         return _export_foreign(mcore_dir, hf_config, merge, out_dir, max_shard_bytes, verify, overwrite, progress,
                                direct_io)
     try:

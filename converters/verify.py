@@ -65,21 +65,19 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype | None = No
         return model(input_ids=tokens).logits.float()
 
 
-def has_partial_fp8_blocks(hf_dir: Path, fp8: Fp8Dequantization) -> bool:
+def has_partial_fp8_blocks(reader: HfCheckpointReader, fp8: Fp8Dequantization) -> bool:
     """Whether some FP8 weight's shape is not a multiple of the block size (DeepSeek-V3's 576-row kv_a_proj is
     4.5 blocks of 128). transformers' CPU FP8 loader derives the tile size from the scale grid, rows // scale
     rows, so it refuses such a weight ("not divisible by scale grid"), although the checkpoint is valid."""
-    reader = HfCheckpointReader(hf_dir, fp8)
     return any(dim % block for key in reader.scale_of for dim, block in zip(reader.shape(key), fp8.block))
 
 
-def write_dequantized_copy(hf_dir: Path, fp8: Fp8Dequantization, copy: Path) -> Path:
+def write_dequantized_copy(hf_dir: Path, reader: HfCheckpointReader, copy: Path) -> Path:
     """The FP8 folder as ordinary weights, dequantized by the reference formula (converters/fp8.py, itself
     checked against a dequantization by hand), one weight file at a time, with its config minus
     quantization_config: what transformers loads to verify against when its FP8 loader cannot."""
     from safetensors.torch import save_file
 
-    reader = HfCheckpointReader(hf_dir, fp8)
     copy.mkdir()
     by_file = {}
     for key in reader.keys():
@@ -94,7 +92,6 @@ def write_dequantized_copy(hf_dir: Path, fp8: Fp8Dequantization, copy: Path) -> 
     config = json.loads((hf_dir / "config.json").read_text())
     config.pop("quantization_config", None)
     (copy / "config.json").write_text(json.dumps(config))
-    reader.close()
     return copy
 
 
@@ -102,15 +99,19 @@ def fp8_reference_logits(hf_dir: Path, fp8: Fp8Dequantization, tokens: torch.Ten
                          dtype: torch.dtype | None) -> tuple[torch.Tensor, str]:
     """transformers' logits for an FP8 folder, and how its weights were loaded. Its own FP8 loader where it
     applies (an independent dequantization); else a dequantized copy in `scratch`, removed afterwards."""
-    if not has_partial_fp8_blocks(hf_dir, fp8):
-        return hf_logits(hf_dir, tokens, dtype), "transformers' FP8 loader"
-    copy = scratch / "fp8-dequantized"
+    reader = HfCheckpointReader(hf_dir, fp8)  # the headers, read once for both questions
     try:
-        return (hf_logits(write_dequantized_copy(hf_dir, fp8, copy), tokens, dtype),
-                "dequantized by the reference formula (transformers' CPU FP8 loader refuses blocks that do not "
-                "divide a weight)")
+        if not has_partial_fp8_blocks(reader, fp8):
+            return hf_logits(hf_dir, tokens, dtype), "transformers' FP8 loader"
+        copy = scratch / "fp8-dequantized"
+        try:
+            return (hf_logits(write_dequantized_copy(hf_dir, reader, copy), tokens, dtype),
+                    "dequantized by the reference formula (transformers' CPU FP8 loader refuses blocks that do not "
+                    "divide a weight)")
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
     finally:
-        shutil.rmtree(copy, ignore_errors=True)
+        reader.close()
 
 
 def fits_in_memory(hf: dict, parameter_count: int) -> tuple[bool, str]:

@@ -5,14 +5,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from megaswift.checkpointing.layout import CheckpointError, read_latest
 from megaswift.checkpointing.lock import LOCK_FILE, CheckpointFolderLock, hold_checkpoint_folder
 from tests.torchrun import child_env
-from tests.train.runner import pt_flags, run_pt
+from tests.train.runner import pt_flags, run_pt, steps_logged, wait_for
 
 
 def test_second_lock_is_refused_naming_the_holder(tmp_path):
@@ -57,11 +56,6 @@ def test_lock_of_a_killed_holder_is_taken_over_and_reported(tmp_path, capsys):
     assert (folder / LOCK_FILE).read_text() == ""  # a clean release leaves no record
 
 
-def _steps_logged(out) -> int:
-    file = out / "metrics.jsonl"
-    return sum('"loss"' in line for line in file.read_text().splitlines()) if file.is_file() else 0
-
-
 def test_second_run_on_a_checkpoint_folder_is_refused(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     first = subprocess.Popen(
@@ -71,11 +65,7 @@ def test_second_run_on_a_checkpoint_folder_is_refused(demo_data, tmp_path):
         env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not (ckpt / "latest").is_file():
-            assert first.poll() is None, first.stderr.read()[-4000:]
-            assert time.monotonic() < deadline, "the first run saved no checkpoint in time"
-            time.sleep(0.1)
+        wait_for(lambda: (ckpt / "latest").is_file(), first)
         second = run_pt(pt_flags(demo_data, tmp_path / "second", train__train_iters=10_000, checkpoint__save=ckpt),
                         check=False)
         assert first.poll() is None  # the first run was not disturbed
@@ -86,4 +76,4 @@ def test_second_run_on_a_checkpoint_folder_is_refused(demo_data, tmp_path):
     assert f"checkpoint.save folder {ckpt} is in use by another run: pid {first.pid} on host" in second.stderr
     assert not (tmp_path / "second" / "metrics.jsonl").exists()  # it trained nothing
     # The first run kept the folder to itself: `latest` is its last logged step.
-    assert read_latest(ckpt) == _steps_logged(tmp_path / "first")
+    assert read_latest(ckpt) == steps_logged(tmp_path / "first")
