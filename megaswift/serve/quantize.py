@@ -191,7 +191,8 @@ def check_layer_sizes(config: dict, group_size: int, method: str) -> None:
     also searches clipping per block of output rows: v/o/gate/up/down projections' outputs must be multiples
     of 64 (gptqmodel asserts it mid-run otherwise)."""
     dims = {k: config[k] for k in ("hidden_size", "intermediate_size") if isinstance(config.get(k), int)}
-    bad = {k: v for k, v in dims.items() if v % group_size} if group_size > 0 else dims
+    # -1: one group per output row, whatever the input size (what the error below suggests when none fits)
+    bad = {} if group_size == -1 else {k: v for k, v in dims.items() if group_size <= 0 or v % group_size}
     if bad:
         fits = [g for g in (128, 64, 32, 16) if all(v % g == 0 for v in dims.values())]
         raise QuantizationError(f"--group-size {group_size}: {method} needs a group size dividing the linear "

@@ -145,13 +145,14 @@ def _meta_model(folder: Path):
 
 
 def _coverage_problems(folder: Path, config: dict, shapes: dict[str, tuple]) -> list[str]:
-    """Every parameter from the files, no unknown tensor, every shape right. MoE models are skipped:
-    transformers 5 fuses their experts on load, so its parameter names are not the file's (the
-    converters' own verifier checks those exports)."""
+    """Every parameter from the files, no unknown tensor, every shape right. Skipped where the file's tensor
+    names are not the plain model's: MoE models (transformers 5 fuses their experts on load; the converters'
+    own verifier checks those exports) and quantized folders (`quantization_config`: packed weights with
+    their scales and quant states, as `megaswift export --quant` writes them)."""
+    if "quantization_config" in config or any(".experts." in k for k in shapes):
+        return []
     model = _meta_model(folder)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if any(".experts." in k for k in shapes):
-        return []
     tied = bool(config.get("tie_word_embeddings", False))
     optional = {"lm_head.weight"} if tied else set()
     missing = sorted(set(expected) - set(shapes) - optional)

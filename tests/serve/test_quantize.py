@@ -8,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megaswift.cli.main import main
+from megaswift.serve.quantize import QuantizationError, check_layer_sizes
+from megaswift.serve.vllm_checks import model_folder_problems
 
 @pytest.mark.parametrize("method, layer, tolerance", [("bnb-int8", "Linear8bitLt", 0.05),
                                                       ("bnb-nf4", "Linear4bit", 0.5)])
@@ -23,6 +25,18 @@ def test_quantized_folder_loads_and_generates(tiny_chat_model, tmp_path, method,
     assert type(model.model.layers[0].mlp.up_proj).__name__ == layer
     generated = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > 3 and generated[0, :3].tolist() == [5, 6, 7]  # may end early at end of turn
+    # `deploy --backend vllm` hands the folder on: its packed weights and quant states are not refused
+    assert model_folder_problems(out) == []
+
+
+def test_group_size_minus_one_is_accepted_where_none_divides():
+    """-1 (one group per output row) is what the refusal suggests when no group size fits: it must pass."""
+    config = {"hidden_size": 96, "intermediate_size": 200}
+    with pytest.raises(QuantizationError, match="Use --group-size -1"):
+        check_layer_sizes(config, 128, "gptq-int4")
+    check_layer_sizes(config, -1, "gptq-int4")
+    with pytest.raises(QuantizationError):
+        check_layer_sizes(config, 0, "gptq-int4")
 
 
 def test_fp8_with_torchao_on_cpu(tiny_chat_model, tmp_path):
