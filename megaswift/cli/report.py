@@ -7,6 +7,9 @@ training error is). Each message is one write ending in a newline, so lines of d
 """
 import os
 import sys
+import time
+
+SILENT_RANK_GRACE_S = 5.0  # rank 0 meets the same error at about the same moment; this bounds the wait
 
 
 def is_rank_zero() -> bool:
@@ -27,6 +30,10 @@ def report_error(command: str, error: Exception, same_on_every_rank: bool) -> in
     if is_rank_zero() or not same_on_every_rank:
         sys.stderr.write(f"megaswift {command}: error: {error}\n")
         sys.stderr.flush()
+    else:
+        # torchrun stops every rank as soon as one ends: a silent rank ending first could stop rank 0 before
+        # its line is out (seen in CI under load), so it leaves rank 0 the time to say it.
+        time.sleep(SILENT_RANK_GRACE_S)
     return 2
 
 
